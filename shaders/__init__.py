@@ -1,0 +1,1 @@
+"""WGSL kernel templates, one per kernel family (rendered by pyengine.kernels)."""
