@@ -1,0 +1,101 @@
+"""The GPU behind one small interface, with a native (wgpu-py) and a browser (Pyodide) implementation.
+
+Model code never sees which one runs. The unit of work is a Plan: a list of
+dispatches (pipeline, bound buffers, workgroup counts) built once and replayed
+per step, so the browser can encode a whole step in one call into JavaScript.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Binding:
+    buffer: object
+    offset: int = 0
+    size: int | None = None
+
+
+@dataclass
+class Dispatch:
+    pipeline: object
+    bindings: dict[int, Binding]
+    workgroups: tuple[int, int, int]
+    label: str = ""
+
+
+@dataclass
+class Plan:
+    """Dispatches that run in order in one compute pass; the backend keeps what it needs to replay them."""
+
+    dispatches: list[Dispatch]
+    handle: object = field(default=None, repr=False)
+    label: str = ""
+
+
+class Backend:
+    """What the engine needs from a GPU. Buffer handles are opaque to callers."""
+
+    name = "abstract"
+    adapter_info: dict
+    features: frozenset          # of "shader-f16", "subgroups", "timestamp-query"
+    max_storage_binding: int
+    max_buffer_size: int
+    max_workgroups_per_dim: int
+
+    def create_buffer(self, size: int, label: str = "", kind: str = "storage"):
+        raise NotImplementedError
+
+    def destroy_buffer(self, buf) -> None:
+        raise NotImplementedError
+
+    def write_buffer(self, buf, offset: int, data) -> None:
+        raise NotImplementedError
+
+    async def read_buffer(self, buf, offset: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def create_pipeline(self, code: str, constants: dict, label: str = ""):
+        raise NotImplementedError
+
+    def create_plan(self, dispatches: list[Dispatch], label: str = "") -> Plan:
+        raise NotImplementedError
+
+    def submit(self, plan: Plan) -> None:
+        """Run the plan's dispatches in order."""
+        raise NotImplementedError
+
+    async def submit_and_read(self, plan: Plan, buf, offset: int, size: int) -> bytes:
+        """Run the plan, then read back `size` bytes of `buf`: one round trip per step."""
+        self.submit(plan)
+        return await self.read_buffer(buf, offset, size)
+
+    async def sync(self) -> None:
+        """Wait until all submitted work is done."""
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        pass
+
+
+def open_backend(kind: str = "native", **options) -> Backend:
+    if kind == "native":
+        from .native import NativeBackend
+
+        return NativeBackend(**options)
+    if kind == "browser":
+        from .browser import BrowserBackend
+
+        return BrowserBackend(**options)
+    raise ValueError(f"unknown GPU backend '{kind}'; use native or browser")
+
+
+def split_workgroups(count: int, limit: int = 65535) -> tuple[int, int, int]:
+    """Workgroup counts for `count` groups laid out in x then y, within the per-dimension limit."""
+    count = max(1, count)
+    if count <= limit:
+        return (count, 1, 1)
+    y = -(-count // limit)
+    x = -(-count // y)
+    return (x, y, 1)

@@ -1,0 +1,142 @@
+"""Native GPU backend on wgpu-py (wgpu-native over Vulkan, Metal or D3D12; lavapipe on a CPU)."""
+
+from __future__ import annotations
+
+from ..errors import GPUError
+from . import Backend, Plan
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    def __init__(self, power_preference: str = "high-performance", max_storage_binding: int | None = None,
+                 disable_features: tuple = ()):
+        try:
+            import wgpu
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise GPUError(f"the native backend needs wgpu-py: pip install wgpu ({e})") from None
+        self._wgpu = wgpu
+        try:
+            adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+        except Exception as e:
+            raise GPUError(f"no WebGPU adapter found (install a Vulkan driver such as "
+                           f"mesa-vulkan-drivers): {e}") from None
+        if adapter is None:
+            raise GPUError("no WebGPU adapter found (install a Vulkan driver such as mesa-vulkan-drivers)")
+        info = adapter.info
+        self.adapter_info = {k: info.get(k) for k in
+                             ("vendor", "architecture", "device", "description", "adapter_type", "backend_type")}
+        feats = set(adapter.features)
+        want = [f for f in ("shader-f16", "subgroup", "timestamp-query") if f in feats and f not in disable_features]
+        lim = adapter.limits
+        limits = {
+            "max-storage-buffer-binding-size": lim["max-storage-buffer-binding-size"],
+            "max-buffer-size": lim["max-buffer-size"],
+            "max-compute-workgroup-storage-size": lim["max-compute-workgroup-storage-size"],
+            "max-compute-invocations-per-workgroup": lim["max-compute-invocations-per-workgroup"],
+            "max-storage-buffers-per-shader-stage": lim["max-storage-buffers-per-shader-stage"],
+        }
+        self.device = adapter.request_device_sync(required_features=want, required_limits=limits)
+        self.queue = self.device.queue
+        self.features = frozenset("subgroups" if f == "subgroup" else f for f in want)
+        self.max_storage_binding = limits["max-storage-buffer-binding-size"]
+        if max_storage_binding is not None:
+            self.max_storage_binding = min(self.max_storage_binding, max_storage_binding)
+        self.max_buffer_size = limits["max-buffer-size"]
+        self.max_workgroups_per_dim = lim["max-compute-workgroups-per-dimension"]
+        self._staging = None
+        self.bytes_allocated = 0
+        self._live: dict[int, int] = {}
+
+    # -- buffers ---------------------------------------------------------------
+
+    def create_buffer(self, size: int, label: str = "", kind: str = "storage"):
+        u = self._wgpu.BufferUsage
+        size = max(16, -(-size // 16) * 16)
+        if size > self.max_buffer_size:
+            raise GPUError(f"buffer '{label}' needs {size} bytes, more than this adapter's "
+                           f"largest buffer ({self.max_buffer_size} bytes)")
+        usage = u.STORAGE | u.COPY_DST | u.COPY_SRC
+        try:
+            buf = self.device.create_buffer(size=size, usage=usage, label=label)
+        except Exception as e:
+            raise GPUError(f"could not allocate {size} bytes of GPU memory for '{label}': {e}") from None
+        self.bytes_allocated += size
+        self._live[id(buf)] = size
+        return buf
+
+    def destroy_buffer(self, buf) -> None:
+        size = self._live.pop(id(buf), 0)
+        self.bytes_allocated -= size
+        buf.destroy()
+
+    def write_buffer(self, buf, offset: int, data) -> None:
+        self.queue.write_buffer(buf, offset, data)
+
+    async def read_buffer(self, buf, offset: int, size: int) -> bytes:
+        return bytes(self.queue.read_buffer(buf, offset, size))
+
+    # -- pipelines and plans ---------------------------------------------------
+
+    def create_pipeline(self, code: str, constants: dict, label: str = ""):
+        try:
+            module = self.device.create_shader_module(code=code, label=label)
+            return self.device.create_compute_pipeline(
+                layout="auto", label=label,
+                compute={"module": module, "entry_point": "main", "constants": dict(constants)})
+        except Exception as e:
+            raise GPUError(f"kernel '{label}' failed to compile: {e}") from None
+
+    def create_plan(self, dispatches, label: str = "") -> Plan:
+        steps = []
+        for d in dispatches:
+            layout = d.pipeline.get_bind_group_layout(0)
+            entries = []
+            for binding, b in sorted(d.bindings.items()):
+                res = {"buffer": b.buffer, "offset": b.offset}
+                if b.size is not None:
+                    res["size"] = b.size
+                entries.append({"binding": binding, "resource": res})
+            bg = self.device.create_bind_group(layout=layout, entries=entries, label=d.label)
+            steps.append((d.pipeline, bg, d.workgroups))
+        return Plan(list(dispatches), handle=steps, label=label)
+
+    def _encode(self, plan: Plan):
+        enc = self.device.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        for pipeline, bg, (x, y, z) in plan.handle:
+            cp.set_pipeline(pipeline)
+            cp.set_bind_group(0, bg)
+            cp.dispatch_workgroups(x, y, z)
+        cp.end()
+        return enc
+
+    def submit(self, plan: Plan) -> None:
+        self.queue.submit([self._encode(plan).finish()])
+
+    async def submit_and_read(self, plan: Plan, buf, offset: int, size: int) -> bytes:
+        u = self._wgpu.BufferUsage
+        if self._staging is None or self._staging.size < size:
+            self._staging = self.device.create_buffer(size=max(size, 4096), usage=u.MAP_READ | u.COPY_DST)
+        enc = self._encode(plan)
+        enc.copy_buffer_to_buffer(buf, offset, self._staging, 0, size)
+        self.queue.submit([enc.finish()])
+        self._staging.map_sync(self._wgpu.MapMode.READ, 0, size)
+        try:
+            return bytes(self._staging.read_mapped(0, size))
+        finally:
+            self._staging.unmap()
+
+    async def sync(self) -> None:
+        self.queue.read_buffer(self._sync_buffer(), 0, 4)
+
+    def _sync_buffer(self):
+        if getattr(self, "_syncbuf", None) is None:
+            self._syncbuf = self.create_buffer(16, "sync")
+        return self._syncbuf
+
+    def destroy(self) -> None:
+        try:
+            self.device.destroy()
+        except Exception:
+            pass

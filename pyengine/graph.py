@@ -1,0 +1,202 @@
+"""Builds a dispatch plan from a model's forward description.
+
+The model calls ops (embed, rms_norm, linear, ...) on a GraphBuilder; each op
+picks its kernel, allocates its output and appends a dispatch. Scratch buffers
+come from a pool and return to it when the model drops the Python object that
+names them (dispatches run in order, so a buffer nobody can name any more is
+free for the next op). The model code therefore holds no buffer bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .gpu import Binding, Dispatch, split_workgroups
+from .kernels import TOPK, TOPK_CHUNK
+
+F32 = 4
+
+
+@dataclass(eq=False)
+class Weight:
+    """A weight on the GPU: a [rows, cols] matrix (packed quantized) or a vector of f32."""
+
+    name: str
+    qtype: str
+    rows: int
+    cols: int
+    buffer: object
+    nbytes: int
+
+
+class Tensor:
+    """An activation of `cols` f32 values per token, for up to `rows` tokens."""
+
+    __slots__ = ("buffer", "rows", "cols", "_pool")
+
+    def __init__(self, buffer, rows, cols, pool=None):
+        self.buffer, self.rows, self.cols, self._pool = buffer, rows, cols, pool
+
+    def __del__(self):
+        if self._pool is not None:
+            self._pool.release(self.buffer)
+
+
+class ScratchPool:
+    """Scratch buffers shared by all plans (plans run one after another)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.buffers: list = []     # (size, buffer)
+        self.free: set = set()
+
+    def begin(self):
+        self.free = {id(b) for _, b in self.buffers}
+
+    def alloc(self, nbytes: int):
+        best = None
+        for size, buf in self.buffers:
+            if id(buf) in self.free and size >= nbytes and (best is None or size < best[0]):
+                best = (size, buf)
+        if best is None:
+            buf = self.backend.create_buffer(nbytes, f"scratch{len(self.buffers)}")
+            self.buffers.append((nbytes, buf))
+            return buf
+        self.free.discard(id(best[1]))
+        return best[1]
+
+    def release(self, buf):
+        self.free.add(id(buf))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s for s, _ in self.buffers)
+
+
+class GraphBuilder:
+    """Turns op calls into dispatches for a plan over up to `m_cap` tokens."""
+
+    def __init__(self, kernels, state, m_cap: int):
+        self.k = kernels
+        self.s = state          # persistent buffers: step, kv cache, logits, counts, results
+        self.m_cap = m_cap
+        self.dispatches: list[Dispatch] = []
+        self.s.pool.begin()
+
+    # -- helpers ------------------------------------------------------------
+
+    def _tensor(self, cols: int, rows: int | None = None) -> Tensor:
+        rows = self.m_cap if rows is None else rows
+        return Tensor(self.s.pool.alloc(rows * cols * F32), rows, cols, self.s.pool)
+
+    def _dispatch(self, family, params, constants, bindings, workgroups, label=""):
+        pipe = self.k.pipeline(family, params, constants)
+        binds = {i: (b if isinstance(b, Binding) else Binding(b)) for i, b in bindings.items()}
+        if isinstance(workgroups, int):
+            workgroups = split_workgroups(workgroups, self.k.backend.max_workgroups_per_dim)
+        self.dispatches.append(Dispatch(pipe, binds, workgroups, label or family))
+
+    def _step(self):
+        return self.s.step
+
+    # -- ops ----------------------------------------------------------------
+
+    def embed(self, w: Weight, scale: float = 1.0) -> Tensor:
+        out = self._tensor(w.cols)
+        units = self.m_cap * w.cols // 8
+        self._dispatch("embed", {"qtype": w.qtype}, {"N": w.rows, "K": w.cols, "SCALE": scale},
+                       {0: w.buffer, 1: out.buffer, 2: self._step()}, -(-units // 64), f"embed {w.name}")
+        return out
+
+    def rms_norm(self, x: Tensor, w: Weight, eps: float, last_row: bool = False) -> Tensor:
+        out = self._tensor(x.cols, 1 if last_row else x.rows)
+        params = self.k.variant("rmsnorm", last_row=last_row)
+        self._dispatch("rmsnorm", params, {"D": x.cols, "EPS": eps},
+                       {0: x.buffer, 1: w.buffer, 2: out.buffer, 3: self._step()},
+                       (1 if last_row else x.rows, 1, 1), f"rmsnorm {w.name}")
+        return out
+
+    def linear(self, x: Tensor, w: Weight, accumulate: Tensor | None = None) -> Tensor:
+        """x W^T for every token; with `accumulate`, adds the product into that tensor (the residual)."""
+        out = accumulate if accumulate is not None else self._tensor(w.rows, x.rows)
+        epilogue = "accumulate" if accumulate is not None else "store"
+        if x.rows == 1:
+            params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue)
+            rows_per_wg = params["wg"] // params["lanes"]
+            self._dispatch("matvec", params, {"N": w.rows, "K": w.cols},
+                           {0: w.buffer, 1: x.buffer, 2: out.buffer},
+                           -(-w.rows // rows_per_wg), f"matvec {w.name}")
+        else:
+            self._dispatch("matmul", {"qtype": w.qtype, "epilogue": epilogue}, {"N": w.rows, "K": w.cols},
+                           {0: w.buffer, 1: x.buffer, 2: out.buffer, 3: self._step()},
+                           (-(-w.rows // 32), -(-x.rows // 32), 1), f"matmul {w.name}")
+        return out
+
+    def swiglu(self, x: Tensor, gate: Weight, up: Weight) -> Tensor:
+        """silu(x gate^T) * (x up^T)."""
+        if x.rows == 1 and gate.qtype == up.qtype:
+            out = self._tensor(gate.rows, 1)
+            params = self.k.variant("matvec", qtype=gate.qtype, epilogue="swiglu")
+            rows_per_wg = params["wg"] // params["lanes"]
+            self._dispatch("matvec", params, {"N": gate.rows, "K": gate.cols},
+                           {0: gate.buffer, 1: x.buffer, 2: out.buffer, 3: up.buffer},
+                           -(-gate.rows // rows_per_wg), f"swiglu {gate.name}")
+            return out
+        g = self.linear(x, gate)
+        u = self.linear(x, up)
+        self._dispatch("elementwise", {"op": "silu_mul"}, {"D": g.cols},
+                       {0: g.buffer, 1: u.buffer, 2: self._step()}, -(-g.rows * g.cols // 64), "silu_mul")
+        return g
+
+    def rope_kv(self, q: Tensor, k: Tensor, v: Tensor, layer: int, n_heads: int, n_kv_heads: int,
+                head_dim: int, n_rot: int, base: float, mode: str = "norm") -> None:
+        """Rotates q in place and writes rotated k and v into the layer's cache at the step's positions."""
+        cache = self.s.kv
+        work = q.rows * (n_heads + 2 * n_kv_heads) * head_dim // 2
+        self._dispatch("rope", {"rope_mode": mode, "kv_f16": cache.f16, "f16": cache.f16},
+                       {"NH": n_heads, "NKV": n_kv_heads, "HD": head_dim, "N_ROT": n_rot, "BASE": base},
+                       {0: q.buffer, 1: k.buffer, 2: v.buffer, 3: cache.k[layer], 4: cache.v[layer],
+                        5: self._step()}, -(-work // 64), f"rope_kv {layer}")
+
+    def attention(self, q: Tensor, layer: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                  scale: float | None = None) -> Tensor:
+        cache = self.s.kv
+        out = self._tensor(q.cols, q.rows)
+        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
+        self._dispatch("attention", params,
+                       {"NH": n_heads, "NKV": n_kv_heads,
+                        "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)},
+                       {0: q.buffer, 1: cache.k[layer], 2: cache.v[layer], 3: out.buffer, 4: self._step()},
+                       (n_heads, q.rows, 1), f"attention {layer}")
+        return out
+
+    def logits(self, x: Tensor, head: Weight) -> None:
+        """The output head into the logits buffer, then penalties, temperature and top-k on the GPU."""
+        s = self.s
+        params = self.k.variant("matvec", qtype=head.qtype, epilogue="store")
+        rows_per_wg = params["wg"] // params["lanes"]
+        self._dispatch("matvec", params, {"N": head.rows, "K": head.cols},
+                       {0: head.buffer, 1: x.buffer, 2: s.logits},
+                       -(-head.rows // rows_per_wg), f"head {head.name}")
+        vocab = head.rows
+        lists = -(-vocab // TOPK_CHUNK)
+        self._dispatch("topk", {"stage": "chunk", "topk": TOPK}, {"COUNT": vocab},
+                       {0: s.logits, 1: s.counts, 2: s.sparams, 3: s.processed, 4: s.topk[0]},
+                       (lists, 1, 1), "topk chunk")
+        src = 0
+        per = TOPK_CHUNK // TOPK
+        while lists > 1:
+            groups = -(-lists // per)
+            self._dispatch("topk", {"stage": "merge", "topk": TOPK}, {"COUNT": lists},
+                           {0: s.topk[src], 4: s.topk[1 - src]}, (groups, 1, 1), "topk merge")
+            src = 1 - src
+            lists = groups
+        s.result_index = src
+
+    def count_token(self, vocab: int) -> None:
+        self._dispatch("counts", {"op": "add"}, {"V": vocab}, {0: self.s.counts, 1: self._step()}, 1, "count")
+
+    def clear_counts(self, vocab: int) -> None:
+        self._dispatch("counts", {"op": "clear"}, {"V": vocab}, {0: self.s.counts},
+                       -(-vocab // 64), "clear counts")

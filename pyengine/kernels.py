@@ -1,0 +1,96 @@
+"""Where a kernel is chosen: WGSL templates rendered per device and variant, compiled once, cached.
+
+A variant is a set of template parameters. The table below says which variant
+each operation uses on a device; sizes that change per model come in as
+`override` constants, sizes that change per step come from the step buffer.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .errors import UnsupportedModelError
+
+# quant types the mat-vec, mat-mat and embedding kernels read
+KERNEL_QTYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
+# quant types stored as raw GGUF blocks that the repack kernel lays out for aligned loads
+REPACKED_QTYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+TOPK = 64           # candidates read back per token
+TOPK_CHUNK = 1024   # logits per workgroup in the first top-k pass
+
+# variant table: operation -> template parameters (before device features are added)
+VARIANTS = {
+    "matvec": {"wg": 64, "lanes": 16},
+    "rmsnorm": {"wg": 64},
+    "attention": {"wg": 64},
+}
+
+
+def packed_nbytes(qtype: str, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] weight once repacked (see shaders/_quant.wgsl.j2)."""
+    blocks = rows * cols // 32
+    if qtype == "Q4_0":
+        return blocks * 16 + -(-blocks // 2) * 4
+    if qtype == "Q4_1":
+        return blocks * 20
+    if qtype == "Q8_0":
+        return blocks * 32 + -(-blocks // 2) * 4
+    if qtype == "F16":
+        return rows * cols * 2
+    if qtype == "F32":
+        return rows * cols * 4
+    raise UnsupportedModelError(
+        f"quant type {qtype} is not supported; supported: {', '.join(KERNEL_QTYPES)}")
+
+
+class Kernels:
+    """Renders and compiles kernels for one backend; each (template, parameters, constants) once."""
+
+    def __init__(self, backend):
+        import jinja2
+
+        self.backend = backend
+        self.env = jinja2.Environment(loader=_shader_loader(), undefined=jinja2.StrictUndefined,
+                                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+        self._pipelines: dict = {}
+        self.device_params = {
+            "backend": "dawn" if backend.name == "browser" else "naga",
+            "subgroups": False,
+            "f16": False,
+        }
+
+    def render(self, family: str, **params) -> str:
+        p = dict(self.device_params)
+        p.update(params)
+        return self.env.get_template(f"{family}.wgsl.j2").render(**p)
+
+    def pipeline(self, family: str, params: dict, constants: dict):
+        key = (family, json.dumps(params, sort_keys=True), json.dumps(constants, sort_keys=True))
+        pipe = self._pipelines.get(key)
+        if pipe is None:
+            code = self.render(family, **params)
+            label = family + "".join(f".{k}={v}" for k, v in sorted(params.items()))
+            pipe = self.backend.create_pipeline(code, constants, label)
+            self._pipelines[key] = pipe
+        return pipe
+
+    def variant(self, op: str, **extra) -> dict:
+        p = dict(VARIANTS.get(op, {}))
+        p.update(extra)
+        if p.get("kv_f16") or p.get("f16"):
+            if "shader-f16" not in self.backend.features:
+                raise UnsupportedModelError("f16 kernels need a device with shader-f16")
+            p["f16"] = True
+        return p
+
+
+def _shader_loader():
+    import jinja2
+    import os
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for cand in (os.path.join(here, "shaders"), os.path.join(os.path.dirname(here), "shaders")):
+        if os.path.isfile(os.path.join(cand, "matvec.wgsl.j2")):
+            return jinja2.FileSystemLoader(cand)
+    raise FileNotFoundError("the WGSL templates (shaders/*.wgsl.j2) are missing from this install")
