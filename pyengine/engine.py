@@ -17,7 +17,7 @@ from .gpu import Binding, Dispatch, open_backend, split_workgroups
 from .graph import GraphBuilder, ScratchPool, Weight
 from .kernels import KERNEL_QTYPES, REPACKED_QTYPES, TOPK, Kernels, packed_nbytes
 from .models import ARCHITECTURES
-from .sampling import Sampler, SamplingParams
+from .sampling import Candidates, Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
 MAX_CHUNK = 512          # tokens per prefill plan replay
@@ -73,6 +73,19 @@ class State:
         self.topk = [backend.create_buffer(4 * RESULT_WORDS * n_lists, f"top-k {i}") for i in range(2)]
         self.result_index = 0
         self.kv: KVCache | None = None
+        self.max_chunk = max_chunk
+        self._backend = backend
+        self._tiles: dict[int, object] = {}
+
+    def tile_index(self, t: int, i: int):
+        """A binding whose first word is the first token of tile i (tiles of t tokens)."""
+        buf = self._tiles.get(t)
+        if buf is None:
+            n = -(-self.max_chunk // t)
+            data = b"".join(struct.pack("<I", j * t) + bytes(252) for j in range(n))
+            buf = self._tiles[t] = self._backend.create_buffer(len(data), f"tiles of {t}")
+            self._backend.write_buffer(buf, 0, data)
+        return Binding(buf, 256 * i, 4)
 
 
 @dataclass
@@ -276,14 +289,11 @@ class Engine:
 
     @staticmethod
     def _parse_result(raw: bytes, vocab: int):
-        words = struct.unpack(f"<2f2I{2 * TOPK}I", raw)
-        mx, z = words[0], words[1]
-        cands = []
-        for i in range(TOPK):
-            tok = words[4 + 2 * i + 1]
-            if tok < vocab:
-                cands.append((struct.unpack("<f", struct.pack("<I", words[4 + 2 * i]))[0], tok))
-        return cands, mx, z
+        mx, z, bound = struct.unpack_from("<3f", raw, 0)
+        pairs = struct.unpack_from(f"<{2 * TOPK}I", raw, 16)
+        values = struct.unpack_from(f"<{2 * TOPK}f", raw, 16)
+        cands = [(values[2 * i], pairs[2 * i + 1]) for i in range(TOPK) if pairs[2 * i + 1] < vocab]
+        return Candidates(cands, mx, z, bound)
 
     async def _prefill(self, tokens: list[int], pos0: int):
         """Runs tokens through the model from position pos0; returns the candidates for the next token."""
@@ -372,7 +382,7 @@ class Engine:
         reuse = min(reuse, len(prompt) - 1)
         self._cached = self._cached[:reuse]
         t0 = time.perf_counter()
-        cands, mx, z = await self._prefill(prompt[reuse:], reuse)
+        cands = await self._prefill(prompt[reuse:], reuse)
         self._cached = list(prompt)
         t1 = time.perf_counter()
         gen.usage.prompt_tokens = len(prompt)
@@ -387,7 +397,7 @@ class Engine:
         max_new = p.max_tokens if p.max_tokens is not None else ctx
         t_first = None
         while True:
-            tok = await sampler.pick(cands, mx, z, self._read_processed)
+            tok = await sampler.pick(cands, self._read_processed)
             if t_first is None:
                 t_first = time.perf_counter()
                 gen.timings.ttft_s = t_first - t0
@@ -415,7 +425,7 @@ class Engine:
             if gen.usage.completion_tokens >= max_new or len(self._cached) >= ctx:
                 gen.finish_reason = "length"
                 break
-            cands, mx, z = await self._decode(tok, len(self._cached))
+            cands = await self._decode(tok, len(self._cached))
             self._cached.append(tok)
         gen.timings.decode_s = time.perf_counter() - t_first
         gen.timings.decode_tokens = gen.usage.completion_tokens - 1

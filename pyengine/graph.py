@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from .gpu import Binding, Dispatch, split_workgroups
-from .kernels import TOPK, TOPK_CHUNK
+from .kernels import TOPK, TOPK_CHUNK, UNIFORM_BYTES
 
 F32 = 4
 
@@ -88,7 +88,8 @@ class GraphBuilder:
 
     def _tensor(self, cols: int, rows: int | None = None) -> Tensor:
         rows = self.m_cap if rows is None else rows
-        return Tensor(self.s.pool.alloc(rows * cols * F32), rows, cols, self.s.pool)
+        # the slack lets kernels read any row through a full uniform window
+        return Tensor(self.s.pool.alloc(rows * cols * F32 + UNIFORM_BYTES), rows, cols, self.s.pool)
 
     def _dispatch(self, family, params, constants, bindings, workgroups, label=""):
         pipe = self.k.pipeline(family, params, constants)
@@ -122,26 +123,36 @@ class GraphBuilder:
         out = accumulate if accumulate is not None else self._tensor(w.rows, x.rows)
         epilogue = "accumulate" if accumulate is not None else "store"
         if x.rows == 1:
-            params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue)
-            rows_per_wg = params["wg"] // params["lanes"]
-            self._dispatch("matvec", params, {"N": w.rows, "K": w.cols},
-                           {0: w.buffer, 1: x.buffer, 2: out.buffer},
-                           -(-w.rows // rows_per_wg), f"matvec {w.name}")
-        else:
-            self._dispatch("matmul", {"qtype": w.qtype, "epilogue": epilogue}, {"N": w.rows, "K": w.cols},
-                           {0: w.buffer, 1: x.buffer, 2: out.buffer, 3: self._step()},
-                           (-(-w.rows // 32), -(-x.rows // 32), 1), f"matmul {w.name}")
+            self._matvec(w, x, out.buffer, epilogue)
+            return out
+        k = w.cols
+        t = self.k.matmul_tile(k)
+        uniform = t > 0
+        t = t or 8
+        params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, t=t, x_uniform=uniform)
+        groups = -(-w.rows // params["wg"])
+        for i in range(-(-x.rows // t)):
+            xb = Binding(x.buffer, i * t * k * F32, UNIFORM_BYTES) if uniform else Binding(x.buffer)
+            self._dispatch("matmul", params, {"N": w.rows, "K": k},
+                           {0: w.buffer, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)},
+                           groups, f"matmul {w.name}")
         return out
+
+    def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None):
+        uniform = self.k.matvec_uniform(w.cols)
+        params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=uniform)
+        per_group = params["wg"] * params["rows"]
+        binds = {0: w.buffer, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out}
+        if w2 is not None:
+            binds[3] = w2.buffer
+        self._dispatch("matvec", params, {"N": w.rows, "K": w.cols}, binds,
+                       -(-w.rows // per_group), f"{epilogue} {w.name}")
 
     def swiglu(self, x: Tensor, gate: Weight, up: Weight) -> Tensor:
         """silu(x gate^T) * (x up^T)."""
         if x.rows == 1 and gate.qtype == up.qtype:
             out = self._tensor(gate.rows, 1)
-            params = self.k.variant("matvec", qtype=gate.qtype, epilogue="swiglu")
-            rows_per_wg = params["wg"] // params["lanes"]
-            self._dispatch("matvec", params, {"N": gate.rows, "K": gate.cols},
-                           {0: gate.buffer, 1: x.buffer, 2: out.buffer, 3: up.buffer},
-                           -(-gate.rows // rows_per_wg), f"swiglu {gate.name}")
+            self._matvec(gate, x, out.buffer, "swiglu", w2=up)
             return out
         g = self.linear(x, gate)
         u = self.linear(x, up)
@@ -163,24 +174,22 @@ class GraphBuilder:
                   scale: float | None = None) -> Tensor:
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
-        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
+        mode = "keys" if q.rows == 1 else "queries"
+        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, mode=mode)
+        groups = (n_heads, 1, 1) if mode == "keys" else -(-q.rows * n_heads // params["wg"])
         self._dispatch("attention", params,
                        {"NH": n_heads, "NKV": n_kv_heads,
                         "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)},
                        {0: q.buffer, 1: cache.k[layer], 2: cache.v[layer], 3: out.buffer, 4: self._step()},
-                       (n_heads, q.rows, 1), f"attention {layer}")
+                       groups, f"attention {layer}")
         return out
 
     def logits(self, x: Tensor, head: Weight) -> None:
         """The output head into the logits buffer, then penalties, temperature and top-k on the GPU."""
         s = self.s
-        params = self.k.variant("matvec", qtype=head.qtype, epilogue="store")
-        rows_per_wg = params["wg"] // params["lanes"]
-        self._dispatch("matvec", params, {"N": head.rows, "K": head.cols},
-                       {0: head.buffer, 1: x.buffer, 2: s.logits},
-                       -(-head.rows // rows_per_wg), f"head {head.name}")
+        self._matvec(head, x, s.logits, "store")
         vocab = head.rows
-        lists = -(-vocab // TOPK_CHUNK)
+        lists = -(-vocab // TOPK_CHUNK)   # one record per 1024 logits
         self._dispatch("topk", {"stage": "chunk", "topk": TOPK}, {"COUNT": vocab},
                        {0: s.logits, 1: s.counts, 2: s.sparams, 3: s.processed, 4: s.topk[0]},
                        (lists, 1, 1), "topk chunk")

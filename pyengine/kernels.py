@@ -21,10 +21,15 @@ TOPK_CHUNK = 1024   # logits per workgroup in the first top-k pass
 
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
-    "matvec": {"wg": 64, "lanes": 16},
+    "matvec": {"wg": 64, "rows": 2},
+    "matmul": {"wg": 64},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64},
 }
+
+UNIFORM_BYTES = 65536        # the uniform window kernels read activations through
+UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment
+MATMUL_MAX_TILE = 8          # tokens per mat-mat dispatch
 
 
 def packed_nbytes(qtype: str, rows: int, cols: int) -> int:
@@ -74,6 +79,20 @@ class Kernels:
             pipe = self.backend.create_pipeline(code, constants, label)
             self._pipelines[key] = pipe
         return pipe
+
+    @staticmethod
+    def matvec_uniform(k: int) -> bool:
+        return k * 4 <= UNIFORM_BYTES
+
+    @staticmethod
+    def matmul_tile(k: int) -> int:
+        """Tokens per mat-mat dispatch whose X tile fits the uniform window at an aligned offset; 0: none."""
+        t = MATMUL_MAX_TILE
+        while t >= 1:
+            if t * k * 4 <= UNIFORM_BYTES and (t * k * 4) % UNIFORM_ALIGN == 0:
+                return t
+            t //= 2
+        return 0
 
     def variant(self, op: str, **extra) -> dict:
         p = dict(VARIANTS.get(op, {}))

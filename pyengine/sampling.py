@@ -81,30 +81,53 @@ def _num(name, v, lo, hi, low_open=False):
         raise RequestError(name, f"must be in {lo_b}{lo}, {hi}], got {v}")
 
 
+@dataclass
+class Candidates:
+    """The GPU's answer for one step: best (processed logit, token) pairs, best first, with the
+    maximum and softmax normaliser over the vocabulary; every token not listed has a
+    processed logit <= bound, so the listed ones above bound are the exact head."""
+
+    top: list[tuple[float, int]]
+    max: float
+    z: float
+    bound: float
+
+    @property
+    def exact(self) -> int:
+        """How many leading candidates are certainly the best of the whole vocabulary."""
+        n = 0
+        for v, _ in self.top:
+            if v <= self.bound:
+                break
+            n += 1
+        return max(n, 1)   # the maximum is always kept
+
+
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.p = params
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self.rng = random.Random(seed)
 
-    async def pick(self, cands: list[tuple[float, int]], mx: float, z: float, read_all) -> int:
-        """cands: (processed logit, token) best first; mx, z: max and sum of exp(l - mx) over the vocabulary.
-        read_all: coroutine returning every processed logit, for the rare step that needs them."""
+    async def pick(self, c: Candidates, read_all) -> int:
+        """read_all: coroutine returning every processed logit, for the rare step that needs them."""
         p = self.p
         if p.greedy:
-            return cands[0][1]
+            return c.top[0][1]
+        mx, z = c.max, c.z
+        exact = c.top[:c.exact]
         k = p.top_k
-        if 0 < k <= len(cands):
-            kept = cands[:k]
-            mass = sum(math.exp(v - mx) for v, _ in kept)
-            return self._nucleus(kept, mx, mass)
-        # no top-k inside the candidates: the nucleus is a prefix of the sorted vocabulary
-        need = p.top_p * z
-        acc = 0.0
-        for n, (v, _) in enumerate(cands):
-            acc += math.exp(v - mx)
-            if acc >= need * (1 - 1e-6):
-                return self._nucleus(cands[:n + 1], mx, z)
+        if 0 < k <= len(exact):
+            kept = exact[:k]
+            return self._nucleus(kept, mx, sum(math.exp(v - mx) for v, _ in kept))
+        if k == 0:
+            # the nucleus is a prefix of the sorted vocabulary: enough if it ends inside the exact head
+            need = p.top_p * z
+            acc = 0.0
+            for n, (v, _) in enumerate(exact):
+                acc += math.exp(v - mx)
+                if acc >= need:
+                    return self._nucleus(exact[:n + 1], mx, z)
         logits = await read_all()
         full = sorted(((v, t) for t, v in enumerate(logits)), key=lambda e: (-e[0], e[1]))
         if k > 0:

@@ -56,7 +56,7 @@ class NativeBackend(Backend):
         if size > self.max_buffer_size:
             raise GPUError(f"buffer '{label}' needs {size} bytes, more than this adapter's "
                            f"largest buffer ({self.max_buffer_size} bytes)")
-        usage = u.STORAGE | u.COPY_DST | u.COPY_SRC
+        usage = u.STORAGE | u.UNIFORM | u.COPY_DST | u.COPY_SRC
         try:
             buf = self.device.create_buffer(size=size, usage=usage, label=label)
         except Exception as e:
