@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from .chat_template import ChatTemplate
 from .errors import ContextOverflowError, GGUFError, PyEngineError, UnsupportedModelError
 from .gguf import GGUFFile, read_gguf
-from .gpu import Binding, Dispatch, open_backend, split_workgroups
-from .graph import GraphBuilder, ScratchPool, Weight
+from .gpu import Binding, open_backend
+from .graph import GraphBuilder, ScratchPool
 from .kernels import KERNEL_QTYPES, REPACKED_QTYPES, TOPK, Kernels, packed_nbytes
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
 from .tokenizer import Tokenizer
+from .weights import upload_weight
 
 MAX_CHUNK = 512          # tokens per prefill plan replay
 MIN_BUCKET = 16
@@ -219,34 +220,18 @@ class Engine:
         be = self.backend
         infos = [self.gguf.tensors[n] for n in self._names]
         raw_max = max((i.nbytes for i in infos if i.type_name in REPACKED_QTYPES), default=0)
-        staging = be.create_buffer(raw_max + 4, "upload staging") if raw_max else None
+        self._staging = be.create_buffer(raw_max + 4, "upload staging") if raw_max else None
         weights = {}
         try:
             for info in infos:
                 cols = info.shape[0]
-                rows = info.n_elements // cols
-                nbytes = packed_nbytes(info.type_name, rows, cols)
-                if nbytes > be.max_storage_binding:
-                    raise UnsupportedModelError(
-                        f"tensor '{info.name}' needs {nbytes} bytes in one binding, more than this "
-                        f"GPU allows ({be.max_storage_binding})")
-                buf = be.create_buffer(nbytes, info.name)
-                if info.type_name in REPACKED_QTYPES:
-                    src.write_tensor(be, staging, info)
-                    blocks = rows * cols // 32
-                    pipe = self.kernels.pipeline("repack", {"qtype": info.type_name}, {"NB": blocks})
-                    plan = be.create_plan([Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)},
-                                                    split_workgroups(-(-blocks // 128), be.max_workgroups_per_dim))])
-                    be.submit(plan)
-                else:
-                    src.write_tensor(be, buf, info)
-                weights[info.name] = Weight(info.name, info.type_name, rows, cols, buf, nbytes)
+                weights[info.name] = upload_weight(
+                    be, self.kernels, info.name, info.type_name, info.n_elements // cols, cols,
+                    lambda buf, info=info: src.write_tensor(be, buf, info), self._staging)
         except BaseException:
             for w in weights.values():
                 be.destroy_buffer(w.buffer)
             raise
-        finally:
-            self._staging = staging
         return weights
 
     async def _release_staging(self):

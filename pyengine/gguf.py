@@ -251,7 +251,8 @@ def read_gguf(src) -> GGUFFile:
         raise GGUFError(f"not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
     version = r.scalar("I", "version")
     if version not in SUPPORTED_VERSIONS:
-        if version & 0xFFFF == 0 and (version >> 16) in SUPPORTED_VERSIONS + (1,):
+        swapped = struct.unpack(">I", struct.pack("<I", version))[0]
+        if swapped in (1, 2, 3):
             raise GGUFError("big-endian GGUF files are not supported")
         raise GGUFError(
             f"unsupported GGUF version {version}; supported versions are "

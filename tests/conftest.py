@@ -1,0 +1,50 @@
+"""Shared fixtures: the GPU (lavapipe in CI), the default model, tiny models written per session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def backend():
+    from pyengine.gpu import open_backend
+
+    return open_backend("native")   # no adapter: fails loudly, as a missing GPU stack should
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    from pyengine.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def engine(model_path, backend):
+    from pyengine.engine import Engine
+
+    return run(Engine.open(model_path, backend))
+
+
+@pytest.fixture(scope="session")
+def reference(model_path):
+    from reference import Reference
+
+    return Reference(model_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from ggufs import write_tiny_llama
+
+    return str(write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf"))
