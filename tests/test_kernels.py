@@ -1,0 +1,297 @@
+"""Every kernel against numpy, for every quant type and for sizes that are no multiple of anything."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize, quantize
+
+from pyengine.engine import KVCache, State
+from pyengine.graph import GraphBuilder, Tensor, Weight
+from pyengine.kernels import TOPK, UNIFORM_BYTES, Kernels
+from pyengine.weights import upload_weight
+
+QTYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0"]
+
+
+def quantized(x: np.ndarray, qtype: str):
+    """(raw GGUF bytes, the values they stand for)."""
+    q = Q[qtype]
+    if qtype == "F32":
+        data = x.astype(np.float32)
+    elif qtype == "F16":
+        data = x.astype(np.float16)
+    else:
+        data = quantize(x.astype(np.float32), q)
+    return data.tobytes(), dequantize(data if qtype != "F16" else data, q).reshape(x.shape).astype(np.float64)
+
+
+class Rig:
+    """A State, a KV cache and helpers to run single ops through the GraphBuilder."""
+
+    def __init__(self, backend, vocab=300, max_chunk=128, context=200, n_kv_heads=1, head_dim=32, kv_f16=False):
+        self.be = backend
+        self.k = Kernels(backend)
+        self.state = State(backend, vocab, max_chunk)
+        self.state.kv = KVCache(backend, 1, context, n_kv_heads, head_dim, f16=kv_f16)
+        self.rng = np.random.default_rng(0)
+
+    def weight(self, x: np.ndarray, qtype: str, name="w"):
+        raw, values = quantized(x, qtype)
+        raw += bytes(-len(raw) % 4)
+        staging = self.be.create_buffer(len(raw), "staging")
+        w = upload_weight(self.be, self.k, name, qtype, x.shape[0], x.shape[1],
+                          lambda buf: self.be.write_buffer(buf, 0, raw), staging)
+        return w, values
+
+    def vector(self, v: np.ndarray) -> Weight:
+        buf = self.be.create_buffer(v.size * 4, "vec")
+        self.be.write_buffer(buf, 0, v.astype(np.float32).tobytes())
+        return Weight("vec", "F32", 1, v.size, buf, v.size * 4)
+
+    def tensor(self, x: np.ndarray) -> Tensor:
+        x = np.atleast_2d(x).astype(np.float32)
+        buf = self.be.create_buffer(x.nbytes + UNIFORM_BYTES, "input")
+        self.be.write_buffer(buf, 0, x.tobytes())
+        return Tensor(buf, x.shape[0], x.shape[1])
+
+    def step(self, pos0: int, n: int, tokens=None, count=False):
+        tokens = list(tokens) if tokens is not None else [0] * n
+        self.be.write_buffer(self.state.step, 0, struct.pack(f"<4I{len(tokens)}I", pos0, n, int(count), 0, *tokens))
+
+    def run(self, fn, m_cap: int):
+        g = GraphBuilder(self.k, self.state, m_cap)
+        out = fn(g)
+        self.be.submit(self.be.create_plan(g.dispatches))
+        return out
+
+    def read(self, buf, n: int, dtype=np.float32) -> np.ndarray:
+        buf = buf.buffer if isinstance(buf, Tensor) else buf
+        raw = self.be.queue.read_buffer(buf, 0, n * np.dtype(dtype).itemsize)
+        return np.frombuffer(bytes(raw), dtype=dtype).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def rig(backend):
+    return Rig(backend)
+
+
+def close(a, b, rtol=2e-5):
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, atol=rtol * scale * 10, rtol=rtol)
+
+
+def shapes_for(qtype):
+    if qtype in ("F32", "F16"):
+        return [(1, 8), (77, 40), (300, 96), (130, 160)]
+    return [(1, 32), (77, 96), (300, 160), (130, 64)]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_repack_and_matvec(rig, qtype):
+    for n, k in shapes_for(qtype):
+        w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+        x = rig.rng.standard_normal(k)
+        out = rig.run(lambda g: g.linear(rig.tensor(x), w), 1)
+        close(rig.read(out, n), wv @ x)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_matvec_accumulates_into_the_residual(rig, qtype):
+    n, k = shapes_for(qtype)[2]
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    x, h = rig.rng.standard_normal(k), rig.rng.standard_normal(n)
+    res = rig.tensor(h)
+    rig.run(lambda g: g.linear(rig.tensor(x), w, accumulate=res), 1)
+    close(rig.read(res, n), h + wv @ x)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m", [1, 2, 13])
+def test_swiglu(rig, qtype, m):
+    n, k = shapes_for(qtype)[3]
+    g_w, gv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    u_w, uv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    x = rig.rng.standard_normal((m, k))
+    rig.step(0, m)
+    out = rig.run(lambda g: g.swiglu(rig.tensor(x), g_w, u_w), m)
+    a, b = x @ gv.T, x @ uv.T
+    close(rig.read(out, m * n).reshape(m, n), a / (1 + np.exp(-a)) * b)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m,m_cap", [(2, 2), (13, 16), (40, 64), (7, 64)])
+def test_matmul(rig, qtype, m, m_cap):
+    for n, k in shapes_for(qtype)[1:]:
+        w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+        x = np.zeros((m_cap, k))
+        x[:m] = rig.rng.standard_normal((m, k))
+        rig.step(0, m)
+        out = rig.run(lambda g: g.linear(rig.tensor(x), w), m_cap)
+        close(rig.read(out, m * n).reshape(m, n), x[:m] @ wv.T)
+
+
+def test_matmul_and_matvec_beyond_the_uniform_window(rig):
+    """K = 19200: x no longer fits a 64 KiB uniform binding, so the storage variants run."""
+    n, k, m = 5, 19200, 3
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), "Q8_0")
+    assert not rig.k.matvec_uniform(k) and rig.k.matmul_tile(k) == 0
+    x = rig.rng.standard_normal((m, k))
+    rig.step(0, m)
+    out = rig.run(lambda g: g.linear(rig.tensor(x), w), m)
+    close(rig.read(out, m * n).reshape(m, n), x @ wv.T, rtol=1e-4)
+    out = rig.run(lambda g: g.linear(rig.tensor(x[:1]), w), 1)
+    close(rig.read(out, n), wv @ x[0], rtol=1e-4)
+
+
+def test_matmul_accumulates(rig):
+    n, k, m = 77, 96, 13
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), "Q4_1")
+    x, h = rig.rng.standard_normal((m, k)), rig.rng.standard_normal((m, n))
+    res = rig.tensor(h)
+    rig.step(0, m)
+    rig.run(lambda g: g.linear(rig.tensor(x), w, accumulate=res), m)
+    close(rig.read(res, m * n).reshape(m, n), h + x @ wv.T)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_embedding_rows(rig, qtype):
+    vocab, dim = 300, 96
+    w, wv = rig.weight(rig.rng.standard_normal((vocab, dim)), qtype)
+    tokens = [0, 299, 5, 5, 123]
+    rig.step(0, len(tokens), tokens)
+    out = rig.run(lambda g: g.embed(w), len(tokens))
+    close(rig.read(out, len(tokens) * dim).reshape(len(tokens), dim), wv[tokens])
+
+
+@pytest.mark.parametrize("dim", [96, 576, 7])
+def test_rmsnorm(rig, dim):
+    m = 13
+    x, wt = rig.rng.standard_normal((m, dim)) * 3, rig.rng.standard_normal(dim)
+    expect = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * wt
+    rig.step(0, m)
+    out = rig.run(lambda g: g.rms_norm(rig.tensor(x), rig.vector(wt), 1e-5), 16)
+    close(rig.read(out, m * dim).reshape(m, dim), expect)
+    last = rig.run(lambda g: g.rms_norm(rig.tensor(x), rig.vector(wt), 1e-5, last_row=True), 16)
+    close(rig.read(last, dim), expect[-1])
+
+
+def rope_np(x, pos, base, n_rot, mode):
+    """x [heads, head_dim] rotated at position pos."""
+    x = x.copy()
+    half = n_rot // 2
+    theta = pos * base ** (-2.0 * np.arange(half) / n_rot)
+    c, s = np.cos(theta), np.sin(theta)
+    if mode == "norm":
+        a, b = x[:, 0:n_rot:2].copy(), x[:, 1:n_rot:2].copy()
+        x[:, 0:n_rot:2], x[:, 1:n_rot:2] = a * c - b * s, a * s + b * c
+    else:
+        a, b = x[:, :half].copy(), x[:, half:n_rot].copy()
+        x[:, :half], x[:, half:n_rot] = a * c - b * s, a * s + b * c
+    return x
+
+
+def attention_np(q, keys, vals, group):
+    """q [heads, d], keys/vals [L, kv_heads, d]."""
+    out = np.zeros_like(q)
+    for h in range(q.shape[0]):
+        s = keys[:, h // group] @ q[h] / np.sqrt(q.shape[1])
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ vals[:, h // group]
+    return out
+
+
+@pytest.mark.parametrize("kv_f16", [False, True])
+@pytest.mark.parametrize("mode,n_rot", [("norm", 32), ("neox", 32), ("neox", 16)])
+def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot):
+    if kv_f16 and "shader-f16" not in backend.features:
+        pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
+    nh, nkv, hd, base = 6, 2, 32, 10000.0
+    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
+    rng = np.random.default_rng(3)
+    keys = np.zeros((0, nkv, hd))
+    vals = np.zeros((0, nkv, hd))
+    tol = 2e-3 if kv_f16 else 2e-5
+    # a prefill of 70 tokens (past one key chunk), another of 9, then decode steps far along
+    for pos0, n, m_cap in [(0, 70, 128), (70, 9, 16), (79, 1, 1), (80, 1, 1)]:
+        q, k, v = (rng.standard_normal((n, h * hd)) for h in (nh, nkv, nkv))
+        rig.step(pos0, n)
+        qt, kt, vt = rig.tensor(np.resize(q, (m_cap, nh * hd))), rig.tensor(np.resize(k, (m_cap, nkv * hd))), \
+            rig.tensor(np.resize(v, (m_cap, nkv * hd)))
+
+        def build(g):
+            g.rope_kv(qt, kt, vt, 0, nh, nkv, hd, n_rot, base, mode)
+            return g.attention(qt, 0, nh, nkv, hd)
+
+        out = rig.run(build, m_cap)
+        got = rig.read(out, n * nh * hd).reshape(n, nh, hd)
+        for i in range(n):
+            pos = pos0 + i
+            kr = rope_np(k[i].reshape(nkv, hd), pos, base, n_rot, mode)
+            keys = np.concatenate([keys, kr[None]])
+            vals = np.concatenate([vals, v[i].reshape(nkv, hd)[None]])
+            qr = rope_np(q[i].reshape(nh, hd), pos, base, n_rot, mode)
+            close(got[i], attention_np(qr, keys, vals, nh // nkv), rtol=tol)
+        cache_dtype = np.float16 if kv_f16 else np.float32
+        kc = rig.read(rig.state.kv.k[0], (pos0 + n) * nkv * hd, cache_dtype).reshape(-1, nkv, hd)
+        close(kc, keys, rtol=tol)
+
+
+def topk_np(logits, counts, rep, presence, frequency, inv_t):
+    l = logits.astype(np.float32).copy()
+    hit = counts > 0
+    if rep != 1.0:
+        l[hit] = np.where(l[hit] > 0, l[hit] / np.float32(rep), l[hit] * np.float32(rep))
+    l[hit] -= np.float32(presence) + np.float32(frequency) * counts[hit].astype(np.float32)
+    l *= np.float32(inv_t)
+    order = sorted(range(len(l)), key=lambda i: (-l[i], i))
+    return l, order
+
+
+@pytest.mark.parametrize("vocab", [300, 5000, 49152])
+@pytest.mark.parametrize("ties", [False, True])
+def test_logits_processing_and_top_k(backend, vocab, ties):
+    rig = Rig(backend, vocab=vocab)
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal(vocab).astype(np.float32) * 4
+    if ties:
+        logits = np.round(logits).astype(np.float32)   # many equal values: ties go to the lower index
+    counts = np.zeros(vocab, np.uint32)
+    counts[rng.integers(0, vocab, 40)] = rng.integers(1, 4, 40)
+    sp = (1.3, 0.4, 0.2, 1 / 0.7)
+    rig.be.write_buffer(rig.state.logits, 0, logits.tobytes())
+    rig.be.write_buffer(rig.state.counts, 0, counts.tobytes())
+    rig.be.write_buffer(rig.state.sparams, 0, struct.pack("<4f", *sp))
+    head = Weight("head", "F32", vocab, 8, None, 0)
+
+    def build(g):
+        # only the top-k part of logits(): the head's mat-vec is covered above
+        g.dispatches.clear()
+        g.logits(rig.tensor(np.zeros(8)), head)
+        g.dispatches.pop(0)
+
+    rig.run(build, 1)
+    res = rig.read(rig.state.topk[rig.state.result_index], 4 + 2 * TOPK, np.uint32).astype(np.uint32)
+    mx, z, bound = np.frombuffer(res[:3].tobytes(), np.float32)
+    vals = np.frombuffer(res[4::2].tobytes(), np.float32)
+    idx = res[5::2]
+    proc, order = topk_np(logits, counts, *sp)
+    np.testing.assert_allclose(rig.read(rig.state.processed, vocab), proc, rtol=1e-6)
+    assert mx == proc.max()
+    np.testing.assert_allclose(z, np.exp(proc.astype(np.float64) - proc.max()).sum(), rtol=1e-4)
+    n = min(TOPK, vocab)
+    valid = idx[:n] < vocab
+    np.testing.assert_array_equal(vals[:n][valid], proc[idx[:n][valid]])
+    # the candidates above the bound are exactly the head of the sorted vocabulary ...
+    exact = int(np.sum(vals[:n] > bound))
+    assert exact >= 1
+    assert list(idx[:exact]) == order[:exact]
+    # ... and every token left out has a processed logit <= bound
+    left_out = np.setdiff1d(np.arange(vocab), idx[:n])
+    if len(left_out):
+        assert proc[left_out].max() <= bound
+    if vocab >= 5000 and not ties:
+        assert exact == TOPK   # with a real vocabulary the whole list is exact
