@@ -197,7 +197,7 @@ class _Reader:
         n = self.scalar("Q", f"length of {what}")
         if n > self.remaining():
             raise GGUFError(
-                f"GGUF {what} declares a length of {n} bytes at offset {self.pos - 8}, "
+                f"GGUF file is truncated or corrupt: {what} declares a length of {n} bytes at offset {self.pos - 8}, "
                 f"more than the {self.remaining()} bytes left in the file")
         buf, off = self.take(n, what)
         raw = bytes(buf[off:off + n])
@@ -230,7 +230,7 @@ def _read_value(r: _Reader, vtype: int, key: str, depth: int = 0):
         count = r.scalar("Q", f"array length of '{key}'")
         if count * _min_size(etype) > r.remaining():
             raise GGUFError(
-                f"GGUF metadata '{key}' declares an array of {count} elements, "
+                f"GGUF file is truncated or corrupt: metadata '{key}' declares an array of {count} elements, "
                 f"more than the {r.remaining()} bytes left in the file can hold")
         if etype in _SCALARS:
             return r.many(_SCALARS[etype], count, f"array '{key}'")
@@ -261,10 +261,12 @@ def read_gguf(src) -> GGUFFile:
     n_kv = r.scalar("Q", "metadata count")
     # a key-value pair takes at least 8 (key length) + 4 (type) + 1 bytes
     if n_kv * 13 > r.remaining():
-        raise GGUFError(f"GGUF header declares {n_kv} metadata entries, more than the file can hold")
+        raise GGUFError(f"GGUF file is truncated or corrupt: its header declares {n_kv} metadata "
+                        f"entries, more than the file can hold")
     # a tensor entry takes at least 8 + 4 + 8 + 4 + 8 bytes
     if n_tensors * 32 > r.remaining():
-        raise GGUFError(f"GGUF header declares {n_tensors} tensors, more than the file can hold")
+        raise GGUFError(f"GGUF file is truncated or corrupt: its header declares {n_tensors} tensors, "
+                        f"more than the file can hold")
 
     metadata: dict = {}
     types: dict = {}

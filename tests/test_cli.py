@@ -1,0 +1,110 @@
+"""The `pyengine` command: answers on stdout, user errors as one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ggufs import write_tiny_llama
+
+
+def pyengine(*args, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pyengine", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_user_error(res, match):
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert match in lines[0], lines[0]
+
+
+def test_generate_greedy_answers_the_default_model():
+    res = pyengine("generate", "--temperature", "0", "What is the capital of France?")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "The capital of France is Paris.\n"
+
+
+def test_generate_raw_and_options(tiny_llama):
+    args = ("generate", "--model", tiny_llama, "--raw", "--max-tokens", "7", "--temperature", "0.9",
+            "--top-p", "0.8", "--top-k", "20", "--seed", "4", "--context", "64", "the cat")
+    a, b = pyengine(*args), pyengine(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.endswith("\n")
+
+
+def test_chat_is_multi_turn(tiny_llama):
+    res = pyengine("chat", "--model", tiny_llama, "--temperature", "0", "--max-tokens", "5", "--stats",
+                   stdin="hello there\nand again\n")
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.strip("\n").split("\n")) >= 2
+    stats = [line for line in res.stderr.splitlines() if "prompt tokens" in line]
+    assert len(stats) == 2
+    assert "(0 cached)" in stats[0] and "(0 cached)" not in stats[1]   # turn two reuses turn one
+
+
+def test_bench_prints_json(tiny_llama):
+    res = pyengine("bench", "--model", tiny_llama, "--runs", "2", "--prompt-tokens", "20", "--gen-tokens", "8")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for key in ("load_s", "prefill_tok_s", "decode_tok_s", "time_to_first_token_s", "adapter"):
+        assert key in out
+    assert out["prompt_tokens"] == 20 and out["decode_tok_s"] > 0
+
+
+def test_missing_model_file():
+    assert_user_error(pyengine("generate", "--model", "/no/such/model.gguf", "hi"), "model file not found")
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"hello world, not a model" * 10)
+    assert_user_error(pyengine("generate", "--model", str(p), "hi"), "not a GGUF file")
+
+
+def test_truncated_gguf(tmp_path, tiny_llama):
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(open(tiny_llama, "rb").read()[:5000])
+    assert_user_error(pyengine("generate", "--model", str(p), "hi"), "truncated")
+
+
+def test_unsupported_architecture(tmp_path):
+    p = write_tiny_llama(tmp_path / "m.gguf", arch="mamba")
+    assert_user_error(pyengine("generate", "--model", str(p), "hi"), "architecture 'mamba' is not supported")
+
+
+def test_unsupported_quant_type(tmp_path):
+    p = write_tiny_llama(tmp_path / "q.gguf", qtypes={"ffn_down": "Q5_0"})
+    assert_user_error(pyengine("generate", "--model", str(p), "hi"), "quant type Q5_0")
+
+
+def test_context_too_small_for_the_prompt(tiny_llama):
+    assert_user_error(pyengine("generate", "--model", tiny_llama, "--context", "8",
+                               "a prompt that is clearly longer than eight tokens"), "context holds 8")
+
+
+def test_model_without_template(tmp_path):
+    p = write_tiny_llama(tmp_path / "base.gguf", chat_template=None)
+    assert_user_error(pyengine("generate", "--model", str(p), "hi"), "no chat template")
+    res = pyengine("generate", "--model", str(p), "--raw", "--max-tokens", "3", "hi")
+    assert res.returncode == 0, res.stderr
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    res = pyengine("generate", "--model", str(p), "--chat-template", str(tpl), "--max-tokens", "3", "hi")
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("args,field", [
+    (("--temperature", "nan"), "temperature"),
+    (("--top-p", "0"), "top_p"),
+    (("--top-p", "1.5"), "top_p"),
+    (("--max-tokens", "0"), "max_tokens"),
+    (("--top-k", "-1"), "top_k"),
+])
+def test_bad_options_name_the_field(args, field):
+    assert_user_error(pyengine("generate", *args, "hi"), field)
