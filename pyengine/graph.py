@@ -174,9 +174,8 @@ class GraphBuilder:
                   scale: float | None = None) -> Tensor:
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
-        mode = "keys" if q.rows == 1 else "queries"
-        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, mode=mode)
-        groups = (n_heads, 1, 1) if mode == "keys" else -(-q.rows * n_heads // params["wg"])
+        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
+        groups = -(-q.rows * n_heads // params["wg"])
         self._dispatch("attention", params,
                        {"NH": n_heads, "NKV": n_kv_heads,
                         "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)},

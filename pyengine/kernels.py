@@ -21,7 +21,7 @@ TOPK_CHUNK = 1024   # logits per workgroup in the first top-k pass
 
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
-    "matvec": {"wg": 64, "rows": 2},
+    "matvec": {"wg": 32, "rows": 1},
     "matmul": {"wg": 64},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64},
