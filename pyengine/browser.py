@@ -1,0 +1,126 @@
+"""The engine's side of the Web Worker: one Session per worker, driven by web/worker.js.
+
+Python sees the manifest and the GGUF header only; tensor bytes go from IndexedDB to
+GPU buffers inside JavaScript (DESIGN.md rule 2). Every method returns JSON text, and
+errors come back as {"error": {...}} with the field a bad request got wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from . import api
+from .engine import Engine
+from .errors import PyEngineError, RequestError
+from .shards import read_manifest_header
+
+
+class ShardWeights:
+    """Weights whose bytes the JavaScript shard store writes straight into GPU buffers."""
+
+    def __init__(self, store):
+        self.store = store
+
+    async def write_tensor(self, backend, buffer, info):
+        await self.store.writeTensor(buffer.id, info.offset, info.nbytes)
+
+
+def _error(e: Exception) -> str:
+    err = {"type": type(e).__name__, "message": str(e)}
+    if isinstance(e, RequestError):
+        err["field"] = e.field
+    return json.dumps({"error": err})
+
+
+class Session:
+    def __init__(self):
+        self.engine: Engine | None = None
+        self.model_name = ""
+        self.stats = {}
+
+    async def load(self, manifest_json: str, header, store, options_json: str) -> str:
+        from .gpu.browser import BrowserBackend
+
+        try:
+            manifest = json.loads(manifest_json)
+            opts = json.loads(options_json)
+            gguf = read_manifest_header(manifest, bytes(header.to_py()) if hasattr(header, "to_py") else header)
+            ctx = opts.get("contextLength")
+            if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1):
+                raise RequestError("contextLength", f"must be a positive integer, got {ctx!r}")
+            t0 = time.perf_counter()
+            self.engine = await Engine.create(gguf, ShardWeights(store), BrowserBackend(),
+                                              context_length=ctx, chat_template=opts.get("chatTemplate"))
+            self.model_name = manifest["model"]["name"]
+            return json.dumps({
+                "model": self.model_name,
+                "contextLength": self.engine.context_length,
+                "gpuBytes": self.engine.backend.bytes_allocated,
+                "uploadSeconds": time.perf_counter() - t0,
+                "adapter": self.engine.backend.adapter_info,
+            })
+        except Exception as e:   # noqa: BLE001 - every failure goes back to the page as a message
+            self.engine = None
+            return _error(e)
+
+    async def complete(self, request_json: str, emit, kind: str = "chat") -> str:
+        """Runs one chat.completions (kind "chat") or completions ("text") request;
+        emit(json) gets each chunk when streaming."""
+        try:
+            if self.engine is None:
+                raise PyEngineError("no model is loaded")
+            inputs, params, stream, include_usage = api.parse_request(json.loads(request_json), kind)
+            gen = self.engine.chat(inputs, params) if kind == "chat" else self.engine.generate(inputs, params)
+            cid, name = api.new_id(), self.model_name
+
+            def piece_chunk(text, finish=None):
+                if kind == "chat":
+                    return api.chunk(cid, name, {"content": text} if text else {}, finish)
+                return api.text_chunk(cid, name, text, finish)
+
+            if stream and kind == "chat":
+                emit(json.dumps(api.chunk(cid, name, {"role": "assistant", "content": ""})))
+            calls0 = self.engine.backend.calls
+            async for piece in gen:
+                if stream:
+                    emit(json.dumps(piece_chunk(piece)))
+            self._record(gen, calls0)
+            if stream:
+                emit(json.dumps(piece_chunk("", gen.finish_reason)))
+                if include_usage:
+                    usage = api.usage_dict(gen)
+                    emit(json.dumps(api.chunk(cid, name, {}, usage=usage) if kind == "chat"
+                                    else api.text_chunk(cid, name, "", usage=usage)))
+            done = api.completion if kind == "chat" else api.text_completion
+            return json.dumps(done(gen, cid, name))
+        except Exception as e:   # noqa: BLE001
+            return _error(e)
+
+    def _record(self, gen, calls0):
+        t = gen.timings
+        self.stats = {
+            "prefillTokensPerSecond": t.prefill_tok_s,
+            "decodeTokensPerSecond": t.decode_tok_s,
+            "timeToFirstTokenSeconds": t.ttft_s,
+            "promptTokens": gen.usage.prompt_tokens,
+            "cachedTokens": gen.usage.cached_tokens,
+            "completionTokens": gen.usage.completion_tokens,
+            "jsCallsPerToken": (self.engine.backend.calls - calls0) / max(1, gen.usage.completion_tokens),
+        }
+
+    def interrupt(self) -> None:
+        if self.engine is not None:
+            self.engine.interrupt()
+
+    def reset(self) -> None:
+        if self.engine is not None:
+            self.engine.reset()
+
+    def runtime_stats(self) -> str:
+        return json.dumps(self.stats)
+
+    def unload(self) -> None:
+        if self.engine is not None:
+            self.engine.backend.destroy()
+            self.engine = None

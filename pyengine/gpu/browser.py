@@ -1,0 +1,100 @@
+"""Browser GPU backend: Pyodide's `js` module drives WebGPU through the replayer in web/gpu.js.
+
+Each method is one call into JavaScript. Plans are registered with the replayer once,
+so a decode step costs one write and one submit-and-read call (DESIGN.md rule 1).
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import GPUError
+from . import Backend, Plan
+
+
+class JSBuffer:
+    __slots__ = ("id", "size", "label")
+
+    def __init__(self, id_: int, size: int, label: str):
+        self.id, self.size, self.label = id_, size, label
+
+
+class BrowserBackend(Backend):
+    name = "browser"
+
+    def __init__(self, replayer=None):
+        import js  # noqa: F401  (only inside Pyodide)
+
+        self.r = replayer if replayer is not None else js.pyengineGPU
+        info = json.loads(self.r.describe())
+        self.adapter_info = info["adapter"]
+        self.features = frozenset(info["features"])
+        lim = info["limits"]
+        self.max_storage_binding = lim["maxStorageBufferBindingSize"]
+        self.max_buffer_size = lim["maxBufferSize"]
+        self.max_workgroups_per_dim = lim["maxComputeWorkgroupsPerDimension"]
+        self.bytes_allocated = 0
+        self.calls = 0   # calls into JavaScript, for the benchmark
+
+    def create_buffer(self, size: int, label: str = "", kind: str = "storage"):
+        size = max(16, -(-size // 16) * 16)
+        if size > self.max_buffer_size:
+            raise GPUError(f"buffer '{label}' needs {size} bytes, more than this adapter's largest buffer "
+                           f"({self.max_buffer_size} bytes)")
+        self.calls += 1
+        bid = self.r.createBuffer(size, label)
+        if bid < 0:
+            raise GPUError(f"could not allocate {size} bytes of GPU memory for '{label}'")
+        self.bytes_allocated += size
+        return JSBuffer(bid, size, label)
+
+    def destroy_buffer(self, buf) -> None:
+        self.calls += 1
+        self.r.destroyBuffer(buf.id)
+        self.bytes_allocated -= buf.size
+
+    def write_buffer(self, buf, offset: int, data) -> None:
+        from pyodide.ffi import to_js
+
+        self.calls += 1
+        self.r.writeBuffer(buf.id, offset, to_js(memoryview(data).cast("B")))
+
+    async def read_buffer(self, buf, offset: int, size: int) -> bytes:
+        self.calls += 1
+        out = await self.r.read(buf.id, offset, size)
+        return bytes(out.to_py())
+
+    def create_pipeline(self, code: str, constants: dict, label: str = ""):
+        self.calls += 1
+        pid = self.r.createPipeline(code, json.dumps(constants), label)
+        if pid < 0:
+            raise GPUError(f"kernel '{label}' failed to compile: {self.r.lastError()}")
+        return pid
+
+    def create_plan(self, dispatches, label: str = "") -> Plan:
+        spec = []
+        for d in dispatches:
+            binds = [[i, b.buffer.id, b.offset, -1 if b.size is None else b.size]
+                     for i, b in sorted(d.bindings.items())]
+            spec.append([d.pipeline, binds, *d.workgroups])
+        self.calls += 1
+        pid = self.r.createPlan(json.dumps(spec), label)
+        if pid < 0:
+            raise GPUError(f"plan '{label}' could not be built: {self.r.lastError()}")
+        return Plan(list(dispatches), handle=pid, label=label)
+
+    def submit(self, plan: Plan) -> None:
+        self.calls += 1
+        self.r.submit(plan.handle)
+
+    async def submit_and_read(self, plan: Plan, buf, offset: int, size: int) -> bytes:
+        self.calls += 1
+        out = await self.r.submitAndRead(plan.handle, buf.id, offset, size)
+        return bytes(out.to_py())
+
+    async def sync(self) -> None:
+        self.calls += 1
+        await self.r.sync()
+
+    def destroy(self) -> None:
+        self.r.destroyAll()

@@ -1,0 +1,94 @@
+"""Runs the browser build in headless Chromium (Playwright), for `--backend browser` and the tests.
+
+WebGPU runs on SwiftShader there when the machine has no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from .errors import PyEngineError
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-first-run", "--disable-quic", "--enable-unsafe-webgpu", "--enable-unsafe-swiftshader",
+    "--enable-features=Vulkan", "--use-angle=swiftshader", "--use-webgpu-adapter=swiftshader",
+]
+
+
+def chromium_path() -> str:
+    for cand in (os.environ.get("PYENGINE_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                 shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if cand and os.path.exists(cand):
+            return cand
+    raise PyEngineError("no Chromium found: install it (Debian: apt-get install chromium) or set PYENGINE_CHROMIUM")
+
+
+def dist_dir(path: str | None = None) -> str:
+    d = path or os.environ.get("PYENGINE_DIST") or os.path.join(os.getcwd(), "dist")
+    if not os.path.isfile(os.path.join(d, "index.html")):
+        raise PyEngineError(f"no built site in {d}: run `python build/build.py` first (or pass --dist)")
+    return d
+
+
+async def launch(playwright, **kw):
+    return await playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS,
+                                            headless=True, **kw)
+
+
+GENERATE_JS = """
+async ({ prompt, raw, request, model, contextLength, system }) => {
+  const { createEngine } = await import("/web/pyengine.mjs");
+  const engine = await createEngine({ model, contextLength });
+  const req = { ...request, stream: true, stream_options: { include_usage: true } };
+  const messages = (system ? [{ role: "system", content: system }] : []).concat([{ role: "user", content: prompt }]);
+  const stream = raw ? await engine.completions.create({ ...req, prompt })
+                     : await engine.chat.completions.create({ ...req, messages });
+  let usage = null;
+  for await (const c of stream) {
+    const d = c.choices[0] && (raw ? c.choices[0].text : c.choices[0].delta && c.choices[0].delta.content);
+    if (d) await window.pyenginePiece(d);
+    if (c.usage) usage = c.usage;
+  }
+  await engine.unload();
+  return usage;
+}
+"""
+
+
+async def browser_generate(prompt: str, request: dict, on_piece, raw: bool = False, dist: str | None = None,
+                           model: str | None = None, context: int | None = None, system: str | None = None):
+    """Streams one answer from the real page and worker; returns the usage object."""
+    try:
+        from playwright.async_api import Error as PlaywrightError
+        from playwright.async_api import async_playwright
+    except ImportError:
+        raise PyEngineError("the browser backend needs Playwright: pip install playwright") from None
+    from .serve import serve_in_thread
+
+    httpd, url = serve_in_thread(dist_dir(dist))
+    try:
+        async with async_playwright() as p:
+            browser = await launch(p)
+            try:
+                page = await browser.new_page()
+                await page.expose_function("pyenginePiece", on_piece)
+                await page.goto(url + "headless.html")
+                manifest = model or (url + "models/index.json")
+                if manifest.endswith("index.json"):
+                    idx = await page.evaluate("async (u) => (await (await fetch(u)).json()).default", manifest)
+                    manifest = url + idx
+                return await page.evaluate(GENERATE_JS, {"prompt": prompt, "raw": raw, "request": request,
+                                                         "model": manifest, "contextLength": context,
+                                                         "system": system})
+            except PlaywrightError as e:
+                msg = str(e).splitlines()[0]
+                for prefix in ("Page.evaluate: Error: ", "Error: "):
+                    if msg.startswith(prefix):
+                        msg = msg[len(prefix):]
+                raise PyEngineError(msg) from None
+            finally:
+                await browser.close()
+    finally:
+        httpd.shutdown()

@@ -1,0 +1,187 @@
+// The JavaScript half of the browser GPU backend (pyengine/gpu/browser.py): it owns the
+// WebGPU objects and replays whole plans, so Python makes a few calls per token, not one
+// per dispatch.
+
+const BUFFER_USAGE = () =>
+  GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
+
+export async function openDevice() {
+  if (!("gpu" in navigator)) throw new Error("WebGPU is not available in this browser (navigator.gpu is missing)");
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) throw new Error("no WebGPU adapter was found");
+  const features = [];
+  if (adapter.features.has("shader-f16")) features.push("shader-f16");
+  if (adapter.features.has("subgroups")) features.push("subgroups");
+  const l = adapter.limits;
+  const device = await adapter.requestDevice({
+    requiredFeatures: features,
+    requiredLimits: {
+      maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+      maxBufferSize: l.maxBufferSize,
+      maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+      maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+    },
+  });
+  let info = {};
+  try {
+    const i = adapter.info || {};
+    info = { vendor: i.vendor, architecture: i.architecture, device: i.device, description: i.description };
+  } catch (e) { /* older browsers */ }
+  return { device, info, features };
+}
+
+export class Replayer {
+  constructor(device, adapterInfo = {}, features = []) {
+    this.device = device;
+    this.adapterInfo = adapterInfo;
+    this.features = features;
+    this.objects = new Map();
+    this.next = 1;
+    this.staging = null;
+    this.error = "";
+    this.lostReason = null;
+    device.lost.then((info) => { this.lostReason = info.message || info.reason || "device lost"; });
+    device.addEventListener?.("uncapturederror", (e) => { this.error = e.error.message; });
+  }
+
+  _put(obj) { const id = this.next++; this.objects.set(id, obj); return id; }
+  _get(id) {
+    const o = this.objects.get(id);
+    if (o === undefined) throw new Error(`unknown GPU object ${id}`);
+    return o;
+  }
+  _check() { if (this.lostReason) throw new Error(`the GPU device was lost: ${this.lostReason}`); }
+
+  describe() {
+    const l = this.device.limits;
+    return JSON.stringify({
+      adapter: this.adapterInfo,
+      features: this.features.map((f) => (f === "subgroups" ? "subgroups" : f)),
+      limits: {
+        maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+        maxBufferSize: l.maxBufferSize,
+        maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+      },
+    });
+  }
+
+  lastError() { return this.error; }
+
+  createBuffer(size, label) {
+    this._check();
+    try {
+      const b = this.device.createBuffer({ size, usage: BUFFER_USAGE(), label });
+      return this._put(b);
+    } catch (e) {
+      this.error = String(e);
+      return -1;
+    }
+  }
+
+  destroyBuffer(id) {
+    const b = this.objects.get(id);
+    if (b) { b.destroy(); this.objects.delete(id); }
+  }
+
+  writeBuffer(id, offset, data) {
+    this._check();
+    this.device.queue.writeBuffer(this._get(id), offset, data);
+  }
+
+  // bytes [start, start + n) of `src` (a Uint8Array) into buffer `id` at `dst`, n padded to 4
+  writeBytes(id, dst, src, start, n) {
+    const whole = n & ~3;
+    if (whole) this.device.queue.writeBuffer(this._get(id), dst, src.buffer, src.byteOffset + start, whole);
+    if (n > whole) {
+      const tail = new Uint8Array(4);
+      tail.set(src.subarray(start + whole, start + n));
+      this.device.queue.writeBuffer(this._get(id), dst + whole, tail);
+    }
+  }
+
+  createPipeline(code, constantsJson, label) {
+    this._check();
+    try {
+      const module = this.device.createShaderModule({ code, label });
+      const pipeline = this.device.createComputePipeline({
+        layout: "auto", label, compute: { module, entryPoint: "main", constants: JSON.parse(constantsJson) },
+      });
+      return this._put(pipeline);
+    } catch (e) {
+      this.error = String(e);
+      return -1;
+    }
+  }
+
+  createPlan(specJson, label) {
+    this._check();
+    try {
+      const steps = JSON.parse(specJson).map(([pid, binds, x, y, z]) => {
+        const pipeline = this._get(pid);
+        const entries = binds.map(([binding, bid, offset, size]) => {
+          const resource = { buffer: this._get(bid), offset };
+          if (size >= 0) resource.size = size;
+          return { binding, resource };
+        });
+        const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries, label });
+        return [pipeline, bindGroup, x, y, z];
+      });
+      return this._put({ steps, label });
+    } catch (e) {
+      this.error = String(e);
+      return -1;
+    }
+  }
+
+  _encode(planId) {
+    const enc = this.device.createCommandEncoder();
+    if (planId) {
+      const pass = enc.beginComputePass();
+      for (const [pipeline, bindGroup, x, y, z] of this._get(planId).steps) {
+        pass.setPipeline(pipeline);
+        pass.setBindGroup(0, bindGroup);
+        pass.dispatchWorkgroups(x, y, z);
+      }
+      pass.end();
+    }
+    return enc;
+  }
+
+  submit(planId) {
+    this._check();
+    this.device.queue.submit([this._encode(planId).finish()]);
+  }
+
+  async submitAndRead(planId, bufId, offset, size) {
+    this._check();
+    if (!this.staging || this.staging.size < size) {
+      if (this.staging) this.staging.destroy();
+      this.staging = this.device.createBuffer({
+        size: Math.max(size, 4096), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+      });
+    }
+    const enc = this._encode(planId);
+    enc.copyBufferToBuffer(this._get(bufId), offset, this.staging, 0, size);
+    this.device.queue.submit([enc.finish()]);
+    await this.staging.mapAsync(GPUMapMode.READ, 0, size);
+    this._check();
+    const out = new Uint8Array(this.staging.getMappedRange(0, size).slice(0));
+    this.staging.unmap();
+    return out;
+  }
+
+  read(bufId, offset, size) { return this.submitAndRead(0, bufId, offset, size); }
+
+  async sync() {
+    await this.device.queue.onSubmittedWorkDone();
+    this._check();
+  }
+
+  destroyAll() {
+    for (const o of this.objects.values()) if (o && o.destroy) o.destroy();
+    this.objects.clear();
+    if (this.staging) this.staging.destroy();
+    this.staging = null;
+    this.device.destroy();
+  }
+}

@@ -1,0 +1,102 @@
+// The Web Worker that runs the engine: Pyodide, the pyengine wheel, the GPU replayer and
+// the shard store. The page talks to it through pyengine.mjs; requests run one at a time
+// in arrival order, and an interrupt reaches a running generation at its next token.
+
+import { loadPyodide } from "../pyodide/pyodide.mjs";
+import { openDevice, Replayer } from "./gpu.js";
+import { ShardStore } from "./shards.js";
+
+const base = new URL("../", import.meta.url);
+let pyodide = null;
+let session = null;
+let replayer = null;
+let queue = Promise.resolve();
+
+async function boot() {
+  if (pyodide) return;
+  pyodide = await loadPyodide({ indexURL: new URL("pyodide/", base).href });
+  const index = await (await fetch(new URL("wheels/index.json", base), { cache: "no-cache" })).json();
+  for (const file of index.wheels) {
+    const res = await fetch(new URL(`wheels/${file}`, base));
+    if (!res.ok) throw new Error(`could not fetch ${file}: HTTP ${res.status}`);
+    pyodide.unpackArchive(await res.arrayBuffer(), "wheel");
+  }
+  session = pyodide.runPython("from pyengine.browser import Session\nSession()");
+}
+
+function reply(id, type, data) { self.postMessage({ id, type, data }); }
+
+function fail(text) {
+  const parsed = JSON.parse(text);
+  if (parsed && parsed.error) {
+    const e = new Error(parsed.error.message);
+    e.field = parsed.error.field;
+    e.type = parsed.error.type;
+    throw e;
+  }
+  return parsed;
+}
+
+const ops = {
+  async load(id, { model, contextLength, chatTemplate }) {
+    await boot();
+    if (replayer) { session.unload(); replayer = null; }
+    const store = await ShardStore.open(model);
+    const progress = (p) => reply(id, "progress", p);
+    const t0 = performance.now();
+    const { fetched } = await store.ensure(progress);
+    const t1 = performance.now();
+    const { device, info, features } = await openDevice();
+    replayer = new Replayer(device, info, features);
+    self.pyengineGPU = replayer;
+    const total = store.manifest.model.size;
+    let uploaded = 0;
+    const sink = {
+      writeTensor: async (bufId, offset, n) => {
+        await store.writeTensor(replayer, bufId, offset, n);
+        uploaded += n;
+        progress({ phase: "upload", loadedBytes: uploaded, totalBytes: total,
+                   shardsDone: store.manifest.shards.length, shardsTotal: store.manifest.shards.length });
+      },
+    };
+    const header = await store.header();
+    const text = await session.load(JSON.stringify(store.manifest), header, sink,
+                                    JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null }));
+    store.release();
+    const info2 = fail(text);
+    info2.shardsFetched = fetched;
+    info2.downloadSeconds = (t1 - t0) / 1000;
+    info2.loadSeconds = (performance.now() - t0) / 1000;
+    info2.modelId = store.id;
+    return info2;
+  },
+
+  async complete(id, { request, kind }) {
+    if (!session) throw new Error("no model is loaded");
+    const text = await session.complete(JSON.stringify(request), (chunk) => reply(id, "chunk", chunk), kind || "chat");
+    return fail(text);
+  },
+
+  async reset() { if (session) session.reset(); },
+  async stats() { return session ? JSON.parse(session.runtime_stats()) : {}; },
+  async unload() { if (session) session.unload(); replayer = null; },
+};
+
+self.onmessage = (e) => {
+  const { id, op, args } = e.data;
+  if (op === "interrupt") {            // never queued: it must reach the running request
+    if (session) session.interrupt();
+    reply(id, "result", null);
+    return;
+  }
+  const run = async () => {
+    try {
+      if (!ops[op]) throw new Error(`unknown operation ${op}`);
+      reply(id, "result", await ops[op](id, args || {}));
+    } catch (err) {
+      reply(id, "error", { message: err && err.message ? err.message : String(err), field: err && err.field,
+                           type: err && err.type });
+    }
+  };
+  queue = queue.then(run, run);
+};
