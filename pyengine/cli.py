@@ -177,6 +177,15 @@ async def cmd_chat(a):
             _print_stats(gen)
 
 
+def _default_or_none():
+    from .default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except PyEngineError:
+        return None
+
+
 async def cmd_tokenize(a):
     from .gguf import read_gguf
     from .tokenizer import Tokenizer
@@ -186,10 +195,14 @@ async def cmd_tokenize(a):
 
 
 async def cmd_bench(a):
-    from .bench import run_bench
+    from .bench import run_bench, run_browser_bench
 
-    result = await run_bench(_model_path(a), a.backend, runs=a.runs, prompt_tokens=a.prompt_tokens,
-                             gen_tokens=a.gen_tokens, context=a.context)
+    if a.backend == "browser":
+        result = await run_browser_bench(a.model or _default_or_none(), runs=a.runs, prompt_tokens=a.prompt_tokens,
+                                         gen_tokens=a.gen_tokens, dist=a.dist)
+    else:
+        result = await run_bench(_model_path(a), a.backend, runs=a.runs, prompt_tokens=a.prompt_tokens,
+                                 gen_tokens=a.gen_tokens, context=a.context)
     print(json.dumps(result, indent=2))
 
 
@@ -206,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("text")
     _add_model_args(t, generation=False)
     b = sub.add_parser("bench", help="measure load, prefill and decode speed; prints JSON")
-    _add_model_args(b, generation=False)
+    _add_model_args(b, generation=False, backends=("native", "browser"))
     b.add_argument("--runs", type=int, default=3)
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--gen-tokens", type=int, default=128)

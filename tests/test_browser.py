@@ -249,3 +249,20 @@ def test_demo_page_answers_and_is_screenshotted(browser, site):
     page.screenshot(path=path, full_page=True)
     assert os.path.getsize(path) > 10_000
     ctx.close()
+
+
+def test_a_model_that_will_not_fit_fails_before_downloading(browser, site):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    err = page.evaluate("""async (manifest) => {
+      const { ShardStore } = await import("/web/shards.js");
+      const store = await ShardStore.open(manifest);
+      navigator.storage.estimate = async () => ({ quota: 50e6, usage: 10e6 });
+      try { await store.ensure(); return null; } catch (e) { return [e.message, store.requests]; }
+    }""", manifest_url(url))
+    assert err is not None
+    message, requests = err
+    assert "not enough browser storage" in message and "98.4 MB more" in message and "40.0 MB is free" in message
+    assert requests == 0
+    assert not [u for u in page.requests if SHARD.search(u)]
+    ctx.close()
