@@ -7,6 +7,7 @@ bad input with the same message, which names the field.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from .errors import RequestError
@@ -90,17 +91,13 @@ def _messages(messages) -> list[dict]:
     return out
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _clean(text: str) -> str:
-    """Lone surrogates (JavaScript strings can hold them) become U+FFFD; everything else is kept."""
-    return text.encode("utf-8", "replace").decode("utf-8") if _has_surrogates(text) else text
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
+    """Lone surrogates (JavaScript strings can hold them; a Python str never holds a valid pair)
+    become U+FFFD; everything else is kept."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def new_id() -> str:
@@ -139,19 +136,19 @@ def text_completion(gen, cid: str, model: str) -> dict:
     }
 
 
-def text_chunk(cid: str, model: str, text: str, finish_reason=None, usage=None) -> dict:
-    c = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-         "choices": [] if usage is not None else [{"index": 0, "text": text, "finish_reason": finish_reason,
-                                                   "logprobs": None}]}
+def chunk(cid: str, model: str, delta: dict | None = None, finish_reason=None, usage=None,
+          text: str | None = None) -> dict:
+    """A streaming chunk: a chat delta, or with `text` a text-completion piece; with `usage`, the
+    closing usage chunk (no choices)."""
+    kind = "text_completion" if text is not None else "chat.completion.chunk"
+    c = {"id": cid, "object": kind, "created": int(time.time()), "model": model, "choices": []}
     if usage is not None:
         c["usage"] = usage
-    return c
-
-
-def chunk(cid: str, model: str, delta: dict, finish_reason=None, usage=None) -> dict:
-    c = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-         "choices": [] if usage is not None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                                   "logprobs": None}]}
-    if usage is not None:
-        c["usage"] = usage
+        return c
+    choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    if text is not None:
+        choice["text"] = text
+    else:
+        choice["delta"] = delta or {}
+    c["choices"].append(choice)
     return c

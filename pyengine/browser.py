@@ -77,7 +77,7 @@ class Session:
             def piece_chunk(text, finish=None):
                 if kind == "chat":
                     return api.chunk(cid, name, {"content": text} if text else {}, finish)
-                return api.text_chunk(cid, name, text, finish)
+                return api.chunk(cid, name, finish_reason=finish, text=text)
 
             if stream and kind == "chat":
                 emit(json.dumps(api.chunk(cid, name, {"role": "assistant", "content": ""})))
@@ -90,8 +90,8 @@ class Session:
                 emit(json.dumps(piece_chunk("", gen.finish_reason)))
                 if include_usage:
                     usage = api.usage_dict(gen)
-                    emit(json.dumps(api.chunk(cid, name, {}, usage=usage) if kind == "chat"
-                                    else api.text_chunk(cid, name, "", usage=usage)))
+                    emit(json.dumps(api.chunk(cid, name, usage=usage,
+                                              text=None if kind == "chat" else "")))
             done = api.completion if kind == "chat" else api.text_completion
             return json.dumps(done(gen, cid, name))
         except Exception as e:   # noqa: BLE001
