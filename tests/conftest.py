@@ -56,3 +56,32 @@ def tiny_llama(tmp_path_factory):
     from ggufs import write_tiny_llama
 
     return str(write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama.gguf"))
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory):
+    """The web build in a temporary dist/, served on 127.0.0.1: (folder, base URL)."""
+    import subprocess
+
+    from pyengine.serve import serve_in_thread
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path_factory.mktemp("site") / "dist")
+    subprocess.run([sys.executable, os.path.join(root, "build", "build.py"), "--out", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    httpd, url = serve_in_thread(out)
+    yield out, url
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium with WebGPU (SwiftShader where there is no GPU)."""
+    from playwright.sync_api import sync_playwright
+
+    from pyengine.headless import CHROMIUM_ARGS, chromium_path
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()

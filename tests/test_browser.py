@@ -3,72 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
 import pytest
 
-from playwright.sync_api import sync_playwright
+from browser_helpers import LOAD_JS, ROOT, SHARD, manifest_url, native_greedy, open_page
 
-from conftest import run
-from pyengine.headless import CHROMIUM_ARGS, chromium_path
-from pyengine.sampling import SamplingParams
-from pyengine.serve import serve_in_thread
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
-SHARD = re.compile(r"/shard-\d+\.bin$")
 PROMPTS = ["What is the capital of France?", "List three fruits."]
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("site") / "dist")
-    subprocess.run([sys.executable, os.path.join(ROOT, "build", "build.py"), "--out", out], check=True,
-                   stdout=subprocess.DEVNULL)
-    httpd, url = serve_in_thread(out)
-    yield out, url
-    httpd.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
-
-
-def manifest_url(url):
-    return url + "models/smollm2-135m-instruct-q4_1/manifest.json"
-
-
-def open_page(browser, url, context=None):
-    ctx = context or browser.new_context()
-    page = ctx.new_page()
-    page.requests = []
-    page.on("request", lambda r: page.requests.append(r.url))
-    page.goto(url + "headless.html")
-    return ctx, page
-
-
-LOAD_JS = """async (model) => {
-  const api = await import("/web/pyengine.mjs");
-  window.api = api;
-  window.engine = await api.createEngine({ model, contextLength: 512 });
-  return window.engine.info;
-}"""
-
-
-def native_greedy(engine, prompt, n):
-    gen = engine.chat([{"role": "user", "content": prompt}], SamplingParams(temperature=0.0, max_tokens=n))
-
-    async def go():
-        async for _ in gen:
-            pass
-    run(go())
-    return gen.text
 
 
 @pytest.fixture(scope="module")

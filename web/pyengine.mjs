@@ -6,7 +6,7 @@
 //   const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: "Hi" }] });
 //   for await (const chunk of await engine.chat.completions.create({ messages, stream: true })) { ... }
 
-export { listCachedModels, deleteCachedModel } from "./shards.js";
+export { listCachedModels, deleteCachedModel, cleanupCache } from "./shards.js";
 
 class Channel {
   constructor(worker) {
@@ -97,13 +97,15 @@ export class Engine {
   interruptGenerate() { return this._ch.call("interrupt"); }
   resetChat() { return this._ch.call("reset"); }
   runtimeStats() { return this._ch.call("stats"); }
+  _loseDeviceForTesting() { return this._ch.call("loseDevice"); }
   async unload() {
     await this._ch.call("unload");
     this._worker.terminate();
   }
 }
 
-export async function createEngine({ model, onProgress, contextLength, chatTemplate } = {}) {
+// download: { concurrency, attempts, backoffMs, stallMs } tunes how shards are fetched.
+export async function createEngine({ model, onProgress, contextLength, chatTemplate, download } = {}) {
   if (typeof model !== "string" || !model) {
     throw Object.assign(new Error("model: give the URL of a model's manifest.json"), { field: "model" });
   }
@@ -114,8 +116,8 @@ export async function createEngine({ model, onProgress, contextLength, chatTempl
   const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
   const ch = new Channel(worker);
   try {
-    const info = await ch.call("load", { model: new URL(model, location.href).href, contextLength, chatTemplate },
-                               { onProgress });
+    const info = await ch.call("load", { model: new URL(model, location.href).href, contextLength, chatTemplate,
+                                         download }, { onProgress });
     return new Engine(ch, worker, info);
   } catch (e) {
     worker.terminate();

@@ -57,11 +57,15 @@ export function checkManifest(m) {
 const MB = (n) => `${(n / 1e6).toFixed(1)} MB`;
 
 export class ShardStore {
-  constructor(manifestUrl, manifest, { concurrency = 3, fetchImpl } = {}) {
+  constructor(manifestUrl, manifest, { concurrency = 3, fetchImpl, attempts = 4, backoffMs = 500,
+                                       stallMs = 30000 } = {}) {
     this.url = manifestUrl;
     this.manifest = checkManifest(manifest);
     this.id = manifest.model.sha256;   // content hash: another model or version never mixes in
     this.concurrency = concurrency;
+    this.attempts = attempts;
+    this.backoffMs = backoffMs;
+    this.stallMs = stallMs;
     this.fetch = fetchImpl || ((...a) => fetch(...a));
     this.current = null;               // the one shard held in memory while uploading
     this.requests = 0;
@@ -94,7 +98,15 @@ export class ShardStore {
   }
 
   // Fetches, verifies and stores every shard not already stored; onProgress gets bytes and shards done.
+  // Under a Web Lock per model, so two tabs loading the same model download each shard once.
   async ensure(onProgress = () => {}) {
+    if (typeof navigator !== "undefined" && navigator.locks) {
+      return navigator.locks.request(`pyengine-model-${this.id}`, () => this._ensure(onProgress));
+    }
+    return this._ensure(onProgress);
+  }
+
+  async _ensure(onProgress) {
     const shards = this.manifest.shards;
     const have = await this.storedIndices();
     const missing = shards.map((s, i) => i).filter((i) => !have.has(i));
@@ -114,35 +126,50 @@ export class ShardStore {
     }
     await this._putModel(false);
     let next = 0;
+    let failed = false;
     const worker = async () => {
-      while (next < missing.length) {
+      while (next < missing.length && !failed) {
         const i = missing[next++];
-        const data = await this._fetchShard(i);
-        const db = await openDB();
-        const tx = db.transaction("shards", "readwrite");
-        tx.objectStore("shards").put({ model: this.id, index: i, sha256: shards[i].sha256, data });
-        await done(tx);
+        await this._store(i, await this._fetchShard(i));
         loaded += shards[i].size;
         count += 1;
         report("download");
       }
     };
-    await Promise.all(Array.from({ length: Math.min(this.concurrency, missing.length) }, worker));
+    // on a failure no new shard starts, the ones in flight finish and stay stored for the next attempt
+    const results = await Promise.allSettled(Array.from({ length: Math.min(this.concurrency, missing.length) },
+      () => worker().catch((e) => { failed = true; throw e; })));
+    const bad = results.find((r) => r.status === "rejected");
+    if (bad) throw bad.reason;
     await this._putModel(true);
     return { fetched: missing.length };
+  }
+
+  // A stored shard is recorded in one transaction with its bytes: a refused write records nothing.
+  async _store(i, data) {
+    const db = await openDB();
+    const tx = db.transaction("shards", "readwrite");
+    tx.objectStore("shards").put({ model: this.id, index: i, sha256: this.manifest.shards[i].sha256, data });
+    try {
+      await done(tx);
+    } catch (e) {
+      if (e && e.name === "QuotaExceededError") {
+        throw new Error(`the browser refused to store the model (QuotaExceededError): it needs ` +
+          `${MB(this.manifest.model.size)} of storage in all; free some space or delete cached models`);
+      }
+      throw e;
+    }
   }
 
   async _fetchShard(i) {
     const s = this.manifest.shards[i];
     const url = new URL(s.file, this.url).href;
     let last = null;
-    for (let attempt = 0; attempt < 4; attempt++) {
-      if (attempt) await new Promise((r) => setTimeout(r, 250 * 2 ** attempt));
+    for (let attempt = 0; attempt < this.attempts; attempt++) {
+      if (attempt) await new Promise((r) => setTimeout(r, this.backoffMs * 2 ** (attempt - 1)));
       try {
         this.requests++;
-        const res = await this.fetch(url);
-        if (!res.ok) throw new Error(`HTTP ${res.status}`);
-        const data = await res.arrayBuffer();
+        const data = await this._download(url);
         if (data.byteLength !== s.size) throw new Error(`got ${data.byteLength} bytes, expected ${s.size}`);
         if ((await sha256Hex(data)) !== s.sha256) throw new Error("its sha256 does not match the manifest");
         return data;
@@ -150,7 +177,38 @@ export class ShardStore {
         last = e;
       }
     }
-    throw new Error(`shard ${s.file} could not be downloaded: ${last && last.message}`);
+    throw new Error(`shard ${s.file} could not be downloaded after ${this.attempts} attempts: ${last && last.message}`);
+  }
+
+  // The body, failing when no byte arrives for stallMs (a stalled connection never ends by itself).
+  async _download(url) {
+    const ctl = new AbortController();
+    let timer = setTimeout(() => ctl.abort(), this.stallMs);
+    try {
+      const res = await this.fetch(url, { signal: ctl.signal });
+      if (!res.ok) throw new Error(`HTTP ${res.status}`);
+      if (!res.body) return await res.arrayBuffer();
+      const reader = res.body.getReader();
+      const parts = [];
+      let n = 0;
+      for (;;) {
+        clearTimeout(timer);
+        timer = setTimeout(() => ctl.abort(), this.stallMs);
+        const { done: end, value } = await reader.read();
+        if (end) break;
+        parts.push(value);
+        n += value.byteLength;
+      }
+      const out = new Uint8Array(n);
+      let o = 0;
+      for (const p of parts) { out.set(p, o); o += p.byteLength; }
+      return out.buffer;
+    } catch (e) {
+      if (ctl.signal.aborted) throw new Error(`no data for ${this.stallMs / 1000} s`);
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   async shardBytes(i) {
@@ -159,18 +217,21 @@ export class ShardStore {
     const db = await openDB();
     const tx = db.transaction("shards", "readonly");
     const rec = await req(tx.objectStore("shards").get([this.id, i]));
-    if (!rec) throw new Error(`shard ${i} of the model is missing from the browser cache`);
-    if ((await sha256Hex(rec.data)) !== this.manifest.shards[i].sha256) {
+    let data = rec && rec.data;
+    if (!data || (await sha256Hex(data)) !== this.manifest.shards[i].sha256) {
+      // missing or changed inside IndexedDB since it was stored: never upload it; fetch it again
+      this.refetched = (this.refetched || 0) + 1;
       await this._deleteShard(i);
-      throw new Error(`shard ${i} of the model was corrupt in the browser cache and was removed; load again`);
+      data = await this._fetchShard(i);
+      await this._store(i, data);
     }
-    this.current = { index: i, bytes: new Uint8Array(rec.data) };
+    this.current = { index: i, bytes: new Uint8Array(data) };
     return this.current.bytes;
   }
 
   async _deleteShard(i) {
     const db = await openDB();
-    const tx = db.transaction(["shards", "models"], "readwrite");
+    const tx = db.transaction("shards", "readwrite");
     tx.objectStore("shards").delete([this.id, i]);
     await done(tx);
   }
@@ -210,6 +271,22 @@ export async function listCachedModels() {
       shards: m.shards, storedShards: keys.length, manifestUrl: m.manifestUrl });
   }
   return out;
+}
+
+// Removes what no complete model uses: shards of models without a record and incomplete models
+// other than those named in `keep`.
+export async function cleanupCache({ keep = [] } = {}) {
+  const db = await openDB();
+  const models = await req(db.transaction("models", "readonly").objectStore("models").getAll());
+  const known = new Set(models.map((m) => m.id));
+  const removed = [];
+  for (const m of models) {
+    if (!m.complete && !keep.includes(m.id)) { await deleteCachedModel(m.id); removed.push(m.id); known.delete(m.id); }
+  }
+  const keys = await req(db.transaction("shards", "readonly").objectStore("shards").getAllKeys());
+  const orphans = [...new Set(keys.map((k) => k[0]).filter((id) => !known.has(id)))];
+  for (const id of orphans) { await deleteCachedModel(id); removed.push(id); }
+  return removed;
 }
 
 export async function deleteCachedModel(id) {

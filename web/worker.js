@@ -38,10 +38,10 @@ function fail(text) {
 }
 
 const ops = {
-  async load(id, { model, contextLength, chatTemplate }) {
+  async load(id, { model, contextLength, chatTemplate, download }) {
     await boot();
     if (replayer) { session.unload(); replayer = null; }
-    const store = await ShardStore.open(model);
+    const store = await ShardStore.open(model, download || {});
     const progress = (p) => reply(id, "progress", p);
     const t0 = performance.now();
     const { fetched } = await store.ensure(progress);
@@ -60,11 +60,24 @@ const ops = {
       },
     };
     const header = await store.header();
+    // allocation failures and invalid use are reported asynchronously by WebGPU: catch them
+    // here, so that a model that did not fully reach the GPU is never used
+    device.pushErrorScope("out-of-memory");
+    device.pushErrorScope("validation");
     const text = await session.load(JSON.stringify(store.manifest), header, sink,
                                     JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null }));
     store.release();
+    const invalid = await device.popErrorScope();
+    const oom = await device.popErrorScope();
+    if (oom || invalid) {
+      session.unload();
+      replayer = null;
+      throw new Error(oom ? `the GPU ran out of memory while loading the model: ${oom.message}`
+                          : `the GPU rejected the model's setup: ${invalid.message}`);
+    }
     const info2 = fail(text);
-    info2.shardsFetched = fetched;
+    info2.shardsFetched = fetched + (store.refetched || 0);
+    info2.shardsRefetched = store.refetched || 0;
     info2.downloadSeconds = (t1 - t0) / 1000;
     info2.loadSeconds = (performance.now() - t0) / 1000;
     info2.modelId = store.id;
@@ -72,10 +85,20 @@ const ops = {
   },
 
   async complete(id, { request, kind }) {
-    if (!session) throw new Error("no model is loaded");
+    if (!session || !replayer) throw new Error("no model is loaded");
+    if (replayer.lostReason) throw new Error(`the GPU device was lost (${replayer.lostReason}); create the engine again`);
+    const device = replayer.device;
+    device.pushErrorScope("out-of-memory");
+    device.pushErrorScope("validation");
     const text = await session.complete(JSON.stringify(request), (chunk) => reply(id, "chunk", chunk), kind || "chat");
+    const invalid = await device.popErrorScope();
+    const oom = await device.popErrorScope();
+    if (oom || invalid) throw new Error(`the GPU failed during the request: ${(oom || invalid).message}`);
     return fail(text);
   },
+
+  // for fault tests: what a driver reset does to the page
+  async loseDevice() { if (replayer) replayer.device.destroy(); },
 
   async reset() { if (session) session.reset(); },
   async stats() { return session ? JSON.parse(session.runtime_stats()) : {}; },

@@ -1,0 +1,222 @@
+"""Faults injected into the browser build: corrupt, stalled and cut shards, storage refusals, two tabs,
+a lost GPU, and model output that tries to become HTML."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from browser_helpers import LOAD_JS, MODEL_DIR, SHARD, manifest_url, native_greedy, open_page
+
+ASK_JS = """async (q) => {
+  const r = await window.engine.chat.completions.create({
+    messages: [{ role: "user", content: q }], temperature: 0, max_tokens: 8 });
+  return r.choices[0].message.content;
+}"""
+LOAD_WITH_JS = """async ([model, download]) => {
+  const api = await import("/web/pyengine.mjs");
+  window.engine = await api.createEngine({ model, contextLength: 256, download });
+  return window.engine.info;
+}"""
+QUESTION = "What is the capital of France?"
+
+
+def shard_requests(page):
+    return [u for u in page.requests if SHARD.search(u)]
+
+
+@pytest.fixture(scope="module")
+def expected(engine):
+    engine.reset()
+    return native_greedy(engine, QUESTION, 8)
+
+
+def test_shard_corrupted_inside_indexeddb_is_fetched_again(browser, site, expected):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    page.evaluate(LOAD_JS, manifest_url(url))
+    flipped = page.evaluate("""async () => {
+      const db = await new Promise((ok, no) => { const r = indexedDB.open("pyengine"); r.onsuccess = () => ok(r.result); r.onerror = no; });
+      const keys = await new Promise((ok) => { const r = db.transaction("shards").objectStore("shards").getAllKeys(); r.onsuccess = () => ok(r.result); });
+      const key = keys[2];
+      const tx = db.transaction("shards", "readwrite");
+      const store = tx.objectStore("shards");
+      const rec = await new Promise((ok) => { const r = store.get(key); r.onsuccess = () => ok(r.result); });
+      const bytes = new Uint8Array(rec.data);
+      bytes[1000] ^= 0x40;
+      store.put(rec);
+      await new Promise((ok) => { tx.oncomplete = ok; });
+      return key[1];
+    }""")
+    page.reload()
+    page.requests.clear()
+    info = page.evaluate(LOAD_JS, manifest_url(url))
+    again = shard_requests(page)
+    assert info["shardsRefetched"] == 1 and len(again) == 1 and again[0].endswith(f"shard-{flipped:05d}.bin")
+    assert page.evaluate(ASK_JS, QUESTION) == expected
+    ctx.close()
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "short", "http500", "stall"])
+def test_a_bad_shard_response_is_retried(browser, site, expected, fault):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    hits = {"n": 0}
+
+    def handler(route):
+        if not route.request.url.endswith("shard-00000.bin"):   # the header shard: small, quick to tamper with
+            return route.continue_()
+        hits["n"] += 1
+        if hits["n"] > 1:
+            return route.continue_()
+        resp = route.fetch()
+        body = resp.body()
+        if fault == "corrupt":
+            route.fulfill(response=resp, body=body[:100] + bytes([body[100] ^ 1]) + body[101:])
+        elif fault == "short":
+            route.fulfill(response=resp, body=body[: len(body) // 2])
+        elif fault == "http500":
+            route.fulfill(status=500, body="server trouble")
+        # "stall": never answer; the store gives up after stallMs and tries again
+
+    page.route(SHARD, handler)
+    page.evaluate(LOAD_WITH_JS, [manifest_url(url), {"stallMs": 3000 if fault == "stall" else 60000,
+                                                      "backoffMs": 100}])
+    assert hits["n"] == 2
+    assert page.evaluate(ASK_JS, QUESTION) == expected
+    ctx.close()
+
+
+def test_a_shard_that_keeps_failing_ends_the_load_with_a_clear_error(browser, site):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    page.route(re.compile(r"shard-00002\.bin$"), lambda route: route.fulfill(status=503, body="down"))
+    with pytest.raises(Exception, match=r"shard-00002.bin could not be downloaded after 3 attempts: HTTP 503"):
+        page.evaluate(LOAD_WITH_JS, [manifest_url(url), {"attempts": 3, "backoffMs": 50}])
+    cached = page.evaluate("async () => (await import('/web/pyengine.mjs')).listCachedModels()")
+    stored = page.evaluate("""async (m) => {
+      const { ShardStore } = await import("/web/shards.js");
+      return [...(await (await ShardStore.open(m)).storedIndices())];
+    }""", manifest_url(url))
+    assert not cached[0]["complete"] and 2 not in stored and len(stored) >= 1   # what was verified is kept
+    ctx.close()
+
+
+def test_storage_refusal_is_a_clear_error_and_records_nothing(browser, site):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    r = page.evaluate("""async (manifest) => {
+      const { ShardStore } = await import("/web/shards.js");
+      const store = await ShardStore.open(manifest);
+      const put = IDBObjectStore.prototype.put;
+      let puts = 0;
+      IDBObjectStore.prototype.put = function (value, key) {
+        const r = put.call(this, value, key);
+        if (this.name === "shards" && ++puts === 2) {     // what a full disk looks like to IndexedDB
+          Object.defineProperty(this.transaction, "error", { value: new DOMException("full", "QuotaExceededError") });
+          this.transaction.abort();
+        }
+        return r;
+      };
+      let message = null;
+      try { await store.ensure(); } catch (e) { message = e.message; }
+      IDBObjectStore.prototype.put = put;
+      return { message, stored: [...(await store.storedIndices())] };
+    }""", manifest_url(url))
+    assert r["message"] and "QuotaExceededError" in r["message"] and "98.4 MB" in r["message"]
+    assert len(r["stored"]) < 5     # the refused shard was not recorded
+    ctx.close()
+
+
+def test_two_tabs_download_each_shard_once(browser, site, expected):
+    _, url = site
+    ctx = browser.new_context()
+    pages = []
+    for _ in range(2):
+        p = ctx.new_page()
+        p.requests = []
+        p.on("request", lambda r, p=p: p.requests.append(r.url))
+        p.goto(url + "headless.html")
+        pages.append(p)
+    for p in pages:
+        p.evaluate("(m) => { window.loading = import('/web/pyengine.mjs').then((api) => "
+                   "api.createEngine({ model: m, contextLength: 256 })).then((e) => { window.engine = e; }); }",
+                   manifest_url(url))
+    for p in pages:
+        p.evaluate("() => window.loading")
+    fetched = shard_requests(pages[0]) + shard_requests(pages[1])
+    with open(f"{site[0]}/{MODEL_DIR}/manifest.json") as f:
+        n = len(json.load(f)["shards"])
+    assert len(fetched) == n and len(set(fetched)) == n
+    for p in pages:
+        assert p.evaluate(ASK_JS, QUESTION) == expected
+    ctx.close()
+
+
+def test_lost_gpu_is_a_clear_error_and_the_engine_can_be_created_again(browser, site, expected):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    page.evaluate(LOAD_JS, manifest_url(url))
+    page.evaluate("() => window.engine._loseDeviceForTesting()")
+    with pytest.raises(Exception, match="device was lost"):
+        page.evaluate(ASK_JS, QUESTION)
+    page.evaluate(LOAD_JS, manifest_url(url))
+    assert page.evaluate(ASK_JS, QUESTION) == expected
+    ctx.close()
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script><b>bold</b>'
+FAKE_ENGINE = """
+export async function createEngine() {
+  return {
+    info: { model: "fake" },
+    chat: { completions: { create: async () => ({
+      async *[Symbol.asyncIterator]() {
+        yield { choices: [{ delta: { content: %r } }] };
+        yield { choices: [], usage: { completion_tokens: 1, extra: { prefill_tokens_per_s: 1,
+                decode_tokens_per_s: 1, time_to_first_token_s: 0.1 } } };
+      } }) } },
+    interruptGenerate() {}, resetChat() {},
+  };
+}
+export async function listCachedModels() { return [{ id: "x", name: %r, storedBytes: 1, complete: true }]; }
+export async function deleteCachedModel() {}
+""" % (HOSTILE, HOSTILE)
+
+
+def test_model_output_is_shown_as_text_only(browser, site):
+    out, url = site
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.route(re.compile(r"/web/pyengine\.mjs$"),
+               lambda route: route.fulfill(status=200, content_type="text/javascript", body=FAKE_ENGINE))
+    page.goto(url + "index.html")
+    page.wait_for_function("() => document.body.dataset.ready")
+    page.fill("#input", "hello")
+    page.click("#send")
+    answer = page.locator(".msg.assistant[data-done]")
+    answer.wait_for()
+    assert answer.text_content() == HOSTILE
+    assert page.evaluate("() => window.pwned") is None
+    assert page.locator("#log img, #log script, #log b, #models img").count() == 0
+    assert HOSTILE in page.text_content("#models")
+    # the embed widget too
+    with open(f"{out}/embed-xss.html", "w") as f:
+        f.write('<!doctype html><body><script src="/web/embed.js" data-model="/m.json"></script></body>')
+    page.goto(url + "embed-xss.html")
+    page.wait_for_function("() => document.querySelector('#pyengine-chat')?.dataset.ready")
+    host = page.locator("#pyengine-chat")
+    host.locator("input").fill("hello")
+    host.locator("button").click()
+    reply = host.locator(".m.a[data-done]")
+    reply.wait_for()
+    assert reply.text_content() == HOSTILE
+    assert page.evaluate("() => window.pwned") is None
+    assert page.evaluate("() => document.querySelector('#pyengine-chat').shadowRoot"
+                         ".querySelectorAll('.log img, .log script, .log b').length") == 0
+    assert dialogs == []
+    ctx.close()
