@@ -66,17 +66,24 @@ def site(tmp_path_factory):
     from pyengine.serve import serve_in_thread
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from ggufs import write_tiny_llama
+    from pyengine.shards import pack
+
     out = str(tmp_path_factory.mktemp("site") / "dist")
     subprocess.run([sys.executable, os.path.join(root, "build", "build.py"), "--out", out], check=True,
                    stdout=subprocess.DEVNULL)
+    # a tiny model too, for tests that need many quick requests
+    tiny = write_tiny_llama(tmp_path_factory.mktemp("tiny-web") / "tiny.gguf")
+    pack(tiny, os.path.join(out, "models", "tiny"), max_shard=40_000)
     httpd, url = serve_in_thread(out)
     yield out, url
     httpd.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium with WebGPU (SwiftShader where there is no GPU)."""
+    """Headless Chromium with WebGPU (SwiftShader where there is no GPU). Module-scoped: Playwright's
+    sync API runs an event loop in this thread while it is open, which asyncio.run elsewhere cannot share."""
     from playwright.sync_api import sync_playwright
 
     from pyengine.headless import CHROMIUM_ARGS, chromium_path

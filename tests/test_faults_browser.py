@@ -220,3 +220,31 @@ def test_model_output_is_shown_as_text_only(browser, site):
                          ".querySelectorAll('.log img, .log script, .log b').length") == 0
     assert dialogs == []
     ctx.close()
+
+
+def test_200_requests_in_one_page_do_not_grow_memory(browser, site):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    r = page.evaluate("""async (model) => {
+      const api = await import("/web/pyengine.mjs");
+      const e = await api.createEngine({ model, contextLength: 128 });
+      const ask = async (i) => {
+        const stream = await e.chat.completions.create({ messages: [{ role: "user", content: `hello ${i}` }],
+          stream: i % 2 === 0, max_tokens: 2, temperature: i % 3 ? 0 : 0.9, seed: i });
+        if (i % 2 === 0) { for await (const c of stream) { /* drain */ } }
+      };
+      for (let i = 0; i < 20; i++) await ask(i);      // warm-up: plans and pipelines exist now
+      const before = await e.memoryStats();
+      const pageBefore = performance.memory ? performance.memory.usedJSHeapSize : null;
+      for (let i = 20; i < 220; i++) await ask(i);
+      const after = await e.memoryStats();
+      const pageAfter = performance.memory ? performance.memory.usedJSHeapSize : null;
+      return { before, after, pageBefore, pageAfter };
+    }""", url + "models/tiny/manifest.json")
+    b, a = r["before"], r["after"]
+    assert a["gpuBuffers"] == b["gpuBuffers"] and a["gpuBytes"] == b["gpuBytes"]
+    assert a["wasmHeapBytes"] - b["wasmHeapBytes"] <= 16 << 20
+    assert a["pythonObjects"] - b["pythonObjects"] < 2000
+    if r["pageBefore"] is not None:
+        assert r["pageAfter"] - r["pageBefore"] < 8 << 20
+    ctx.close()

@@ -97,6 +97,7 @@ export class Engine {
   interruptGenerate() { return this._ch.call("interrupt"); }
   resetChat() { return this._ch.call("reset"); }
   runtimeStats() { return this._ch.call("stats"); }
+  memoryStats() { return this._ch.call("memory"); }
   _loseDeviceForTesting() { return this._ch.call("loseDevice"); }
   async unload() {
     await this._ch.call("unload");

@@ -97,6 +97,20 @@ const ops = {
     return fail(text);
   },
 
+  // what the engine holds: for soak tests and the benchmark
+  async memory() {
+    const buffers = replayer ? [...replayer.objects.values()].filter((o) => o instanceof GPUBuffer) : [];
+    let pyObjects = null;
+    if (pyodide) pyObjects = pyodide.runPython("import gc\ngc.collect()\nlen(gc.get_objects())");
+    return {
+      gpuBuffers: buffers.length,
+      gpuBytes: buffers.reduce((a, b) => a + b.size, 0),
+      wasmHeapBytes: pyodide ? pyodide._module.HEAP8.length : 0,
+      pythonObjects: pyObjects,
+      workerJsHeapBytes: (self.performance && performance.memory) ? performance.memory.usedJSHeapSize : null,
+    };
+  },
+
   // for fault tests: what a driver reset does to the page
   async loseDevice() { if (replayer) replayer.device.destroy(); },
 
