@@ -7,16 +7,16 @@ bad input with the same message, which names the field.
 from __future__ import annotations
 
 import os
-import re
 import time
 
 from .errors import RequestError
 from .sampling import SamplingParams
+from .tokenizer import clean_text as _clean
 
 ROLES = ("system", "user", "assistant")
 MAX_MESSAGES = 10_000
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty")
+                   "frequency_penalty", "repetition_penalty", "truncation")
 ACCEPTED = set(SAMPLING_FIELDS) | {"stream", "stream_options", "model", "n", "user", "logprobs",
                                    "max_completion_tokens", "ignore_eos"}
 
@@ -90,14 +90,6 @@ def _messages(messages) -> list[dict]:
         out.append({"role": role, "content": _clean(content)})
     return out
 
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _clean(text: str) -> str:
-    """Lone surrogates (JavaScript strings can hold them; a Python str never holds a valid pair)
-    become U+FFFD; everything else is kept."""
-    return _SURROGATE.sub("\ufffd", text)
 
 
 def new_id() -> str:

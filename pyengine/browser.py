@@ -38,6 +38,8 @@ class Session:
         self.engine: Engine | None = None
         self.model_name = ""
         self.stats = {}
+        self._gens: dict = {}             # request id -> its Generation while it runs
+        self._interrupted: set = set()    # request ids interrupted before their generation existed
 
     async def load(self, manifest_json: str, header, store, options_json: str) -> str:
         from .gpu.browser import BrowserBackend
@@ -64,14 +66,17 @@ class Session:
             self.engine = None
             return _error(e)
 
-    async def complete(self, request_json: str, emit, kind: str = "chat") -> str:
+    async def complete(self, request_json: str, emit, kind: str = "chat", rid: int = 0) -> str:
         """Runs one chat.completions (kind "chat") or completions ("text") request;
-        emit(json) gets each chunk when streaming."""
+        emit(json) gets each chunk when streaming; `rid` names it for interrupt()."""
         try:
             if self.engine is None:
                 raise PyEngineError("no model is loaded")
             inputs, params, stream, include_usage = api.parse_request(json.loads(request_json), kind)
             gen = self.engine.chat(inputs, params) if kind == "chat" else self.engine.generate(inputs, params)
+            self._gens[rid] = gen
+            if rid in self._interrupted:
+                gen.interrupt()
             cid, name = api.new_id(), self.model_name
 
             def piece_chunk(text, finish=None):
@@ -96,6 +101,9 @@ class Session:
             return json.dumps(done(gen, cid, name))
         except Exception as e:   # noqa: BLE001
             return _error(e)
+        finally:
+            self._gens.pop(rid, None)
+            self._interrupted.discard(rid)
 
     def _record(self, gen, calls0):
         t = gen.timings
@@ -109,9 +117,13 @@ class Session:
             "jsCallsPerToken": (self.engine.backend.calls - calls0) / max(1, gen.usage.completion_tokens),
         }
 
-    def interrupt(self) -> None:
-        if self.engine is not None:
-            self.engine.interrupt()
+    def interrupt(self, rid: int) -> None:
+        """Stops request `rid`, which has started in the worker (its generation may not exist yet)."""
+        gen = self._gens.get(rid)
+        if gen is not None:
+            gen.interrupt()
+        else:
+            self._interrupted.add(rid)
 
     def reset(self) -> None:
         if self.engine is not None:

@@ -29,6 +29,9 @@ def _add_model_args(p, generation=True, backends=("native",)):
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--truncation", choices=["disabled", "auto"], default="disabled",
+                   help="a prompt longer than the context: fail (disabled, the default) or drop the oldest "
+                        "messages, then the start of the last one (auto)")
     p.add_argument("--chat-template", metavar="FILE", help="a jinja2 chat template to use instead of the model's")
     p.add_argument("--system", help="system message")
     p.add_argument("--kv-f16", action="store_true", help="keep the KV cache in f16 (needs shader-f16)")
@@ -41,7 +44,7 @@ def _params(a):
     return SamplingParams(
         max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
         repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
-        frequency_penalty=a.frequency_penalty, stop=a.stop)
+        frequency_penalty=a.frequency_penalty, stop=a.stop, truncation=a.truncation)
 
 
 def _model_path(a) -> str:
@@ -104,7 +107,7 @@ async def _generate_in_browser(a, params):
         "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
         "top_k": params.top_k, "seed": params.seed, "repetition_penalty": params.repetition_penalty,
         "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
-        "stop": params.stop or None}.items() if v is not None}
+        "stop": params.stop or None, "truncation": params.truncation}.items() if v is not None}
 
     def piece(text):
         sys.stdout.write(text)
@@ -148,6 +151,8 @@ async def cmd_chat(a):
     engine.template   # fail now, not after the first question, when the model has no template
     system = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(system)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")   # bytes that are not UTF-8 become U+FFFD, not a crash
     interactive = sys.stdin.isatty()
     if interactive:
         print("pyengine chat: type a message; /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -188,10 +193,10 @@ def _default_or_none():
 
 async def cmd_tokenize(a):
     from .gguf import read_gguf
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, clean_text
 
     tok = Tokenizer.from_gguf(read_gguf(_model_path(a)))
-    print(json.dumps(tok.encode(a.text, add_bos=False)))
+    print(json.dumps(tok.encode(clean_text(a.text), add_bos=False)))
 
 
 async def cmd_bench(a):

@@ -6,25 +6,28 @@ of the weight bytes differ.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import struct
 import time
 from dataclasses import dataclass, field
 
 from .chat_template import ChatTemplate
-from .errors import ContextOverflowError, GGUFError, PyEngineError, UnsupportedModelError
+from .errors import ContextOverflowError, EngineBusyError, GGUFError, PyEngineError, UnsupportedModelError
 from .gguf import GGUFFile, read_gguf
 from .gpu import Binding, open_backend
 from .graph import GraphBuilder, ScratchPool
 from .kernels import KERNEL_QTYPES, REPACKED_QTYPES, TOPK, Kernels, packed_nbytes
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, clean_text
 from .weights import upload_weight
 
 MAX_CHUNK = 512          # tokens per prefill plan replay
 MIN_BUCKET = 16
 DEFAULT_CONTEXT = 2048
 RESULT_WORDS = 4 + 2 * TOPK
+ANSWER_ROOM = 256        # tokens truncation="auto" leaves for the answer when max_tokens is not given
 
 
 class FileWeights:
@@ -55,8 +58,15 @@ class KVCache:
             raise PyEngineError(
                 f"a context of {context} tokens needs {per} bytes of KV cache per layer, more than "
                 f"this GPU binds at once ({backend.max_storage_binding}); use a smaller context")
-        self.k = [backend.create_buffer(per, f"k cache {i}") for i in range(n_layers)]
-        self.v = [backend.create_buffer(per, f"v cache {i}") for i in range(n_layers)]
+        self.k, self.v = [], []
+        try:
+            for i in range(n_layers):
+                self.k.append(backend.create_buffer(per, f"k cache {i}"))
+                self.v.append(backend.create_buffer(per, f"v cache {i}"))
+        except BaseException:
+            for b in self.k + self.v:
+                backend.destroy_buffer(b)
+            raise
         self.nbytes = 2 * n_layers * per
 
 
@@ -65,18 +75,36 @@ class State:
 
     def __init__(self, backend, vocab, max_chunk):
         self.pool = ScratchPool(backend)
-        self.step = backend.create_buffer(16 + 4 * max_chunk, "step")
-        self.logits = backend.create_buffer(4 * vocab, "logits")
-        self.processed = backend.create_buffer(4 * vocab, "processed logits")
-        self.counts = backend.create_buffer(4 * vocab, "token counts")
-        self.sparams = backend.create_buffer(16, "sampling params")
-        n_lists = -(-vocab // 1024)
-        self.topk = [backend.create_buffer(4 * RESULT_WORDS * n_lists, f"top-k {i}") for i in range(2)]
+        made = []
+
+        def buf(size, label):
+            made.append(backend.create_buffer(size, label))
+            return made[-1]
+
+        try:
+            self.step = buf(16 + 4 * max_chunk, "step")
+            self.logits = buf(4 * vocab, "logits")
+            self.processed = buf(4 * vocab, "processed logits")
+            self.counts = buf(4 * vocab, "token counts")
+            self.sparams = buf(16, "sampling params")
+            n_lists = -(-vocab // 1024)
+            self.topk = [buf(4 * RESULT_WORDS * n_lists, f"top-k {i}") for i in range(2)]
+        except BaseException:
+            for b in made:
+                backend.destroy_buffer(b)
+            raise
         self.result_index = 0
         self.kv: KVCache | None = None
         self.max_chunk = max_chunk
         self._backend = backend
         self._tiles: dict[int, object] = {}
+
+    def buffers(self) -> list:
+        out = [self.step, self.logits, self.processed, self.counts, self.sparams, *self.topk,
+               *self._tiles.values(), *(b for _, b in self.pool.buffers)]
+        if self.kv is not None:
+            out += self.kv.k + self.kv.v
+        return out
 
     def tile_index(self, t: int, i: int):
         """A binding whose first word is the first token of tile i (tiles of t tokens)."""
@@ -87,6 +115,41 @@ class State:
             buf = self._tiles[t] = self._backend.create_buffer(len(data), f"tiles of {t}")
             self._backend.write_buffer(buf, 0, data)
         return Binding(buf, 256 * i, 4)
+
+
+class Turns:
+    """Requests on one engine run one at a time, in arrival order; with reject, a request that
+    finds another running fails at once instead of waiting."""
+
+    def __init__(self):
+        self.busy = False
+        self._waiters: collections.deque = collections.deque()
+
+    async def acquire(self, reject: bool) -> None:
+        if not self.busy:
+            self.busy = True
+            return
+        if reject:
+            raise EngineBusyError("another request is running on this engine; wait for it to finish or "
+                                  "interrupt it (this engine rejects requests instead of queueing them)")
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():
+                self.release()          # the turn was handed over as this waiter gave up: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)    # handed over: busy stays set
+                return
+        self.busy = False
 
 
 @dataclass
@@ -129,14 +192,25 @@ class Generation:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
+    interrupted: bool = False
 
     def __aiter__(self):
         return self.engine._run(self)
 
+    def interrupt(self) -> None:
+        """Stops this generation at its next check: between prefill chunks or after a token.
+        Before it starts, it then ends at once with finish_reason "abort"."""
+        self.interrupted = True
+
 
 class Engine:
     def __init__(self, gguf: GGUFFile, backend, context_length: int | None = None,
-                 kv_f16: bool = False, chat_template: str | None = None, max_chunk: int = MAX_CHUNK):
+                 kv_f16: bool = False, chat_template: str | None = None, max_chunk: int = MAX_CHUNK,
+                 on_busy: str = "queue"):
+        if on_busy not in ("queue", "reject"):
+            raise PyEngineError(f"on_busy must be 'queue' or 'reject', got {on_busy!r}")
+        self.on_busy = on_busy
+        self._turns = Turns()
         self.gguf = gguf
         arch = gguf.get("general.architecture")
         if arch not in ARCHITECTURES:
@@ -156,26 +230,49 @@ class Engine:
         self.backend = backend
         self.kernels = Kernels(backend)
         self._check_tensors(cls)
-        self.state = State(backend, self.args.vocab_size, self.max_chunk)
-        self.state.kv = KVCache(backend, self.args.n_layers, ctx, self.args.n_kv_heads, self.args.head_dim,
-                                f16=kv_f16)
-        self._cls = cls
         self.weights: dict = {}
+        self._staging = None
         self.model = None
-        self._prefill_plans: dict[int, object] = {}
         self.decode_plan = None
+        self._prefill_plans: dict[int, object] = {}
+        self.state = State(backend, self.args.vocab_size, self.max_chunk)
+        try:
+            self.state.kv = KVCache(backend, self.args.n_layers, ctx, self.args.n_kv_heads,
+                                    self.args.head_dim, f16=kv_f16)
+        except BaseException:
+            self.close()
+            raise
+        self._cls = cls
         self.load_s = 0.0
         self._cached: list[int] = []     # tokens whose keys and values sit in the cache
-        self._interrupt = False
+        self._current: Generation | None = None
         self._sparams_written = None
-        self._staging = None
 
     @classmethod
     async def create(cls, gguf: GGUFFile, weights_source, backend, **options) -> "Engine":
         """An engine for a parsed GGUF whose tensor bytes `weights_source` writes into GPU buffers."""
         engine = cls(gguf, backend, **options)
-        await engine._load(weights_source)
+        try:
+            await engine._load(weights_source)
+        except BaseException:
+            engine.close()      # no half-built model stays on the GPU, nor is ever used
+            raise
         return engine
+
+    def close(self) -> None:
+        """Frees every GPU buffer this engine allocated; the engine cannot run afterwards."""
+        be = self.backend
+        bufs = [w.buffer for w in self.weights.values()] + self.state.buffers()
+        if self._staging is not None:
+            bufs.append(self._staging)
+        self.weights, self._staging, self.model, self.decode_plan = {}, None, None, None
+        self._prefill_plans = {}
+        self.state.pool.buffers, self.state._tiles, self.state.kv = [], {}, None
+        for b in bufs:
+            try:
+                be.destroy_buffer(b)
+            except Exception:   # noqa: BLE001 - a lost device has destroyed them already
+                pass
 
     async def _load(self, source):
         t0 = time.perf_counter()
@@ -191,10 +288,15 @@ class Engine:
     async def open(cls, path, backend: str | object = "native", **options) -> "Engine":
         """Reads the GGUF at `path` and puts the model on the GPU."""
         gguf = read_gguf(path)
-        be = open_backend(backend) if isinstance(backend, str) else backend
+        owned = isinstance(backend, str)
+        be = open_backend(backend) if owned else backend
         src = FileWeights(path)
         try:
             return await cls.create(gguf, src, be, **options)
+        except BaseException:
+            if owned:
+                be.destroy()
+            raise
         finally:
             src.close()
 
@@ -295,17 +397,24 @@ class Engine:
         cands = [(values[2 * i], pairs[2 * i + 1]) for i in range(TOPK) if pairs[2 * i + 1] < vocab]
         return Candidates(cands, mx, z, bound)
 
-    async def _prefill(self, tokens: list[int], pos0: int):
-        """Runs tokens through the model from position pos0; returns the candidates for the next token."""
+    async def _prefill(self, tokens: list[int], gen: Generation | None = None):
+        """Runs tokens through the model after the cached ones; returns the candidates for the next
+        token, or None when interrupted between chunks. The cache record grows chunk by chunk, so
+        it always names exactly the tokens whose keys and values are in the cache."""
         raw = None
         for start in range(0, len(tokens), self.max_chunk):
             chunk = tokens[start:start + self.max_chunk]
             plan = self._prefill_plan(len(chunk))
-            self._write_step(pos0 + start, chunk, count=False)
+            self._write_step(len(self._cached), chunk, count=False)
             if start + self.max_chunk >= len(tokens):
                 raw = await self.backend.submit_and_read(plan, self._result_buffer(), 0, 4 * RESULT_WORDS)
+                self._cached.extend(chunk)
             else:
                 self.backend.submit(plan)
+                await self.backend.sync()    # in the browser, this is where an interrupt message gets in
+                self._cached.extend(chunk)
+                if gen is not None and gen.interrupted:
+                    return None
         return self._parse_result(raw, self.args.vocab_size)
 
     async def _decode(self, token: int, pos: int):
@@ -319,10 +428,10 @@ class Engine:
 
     async def logits(self, tokens: list[int]) -> list[float]:
         """Raw logits after `tokens` (a fresh sequence): for tests and tools."""
-        self._cached = []
-        self._write_sparams(SamplingParams(temperature=0.0))
-        await self._prefill(tokens, 0)
-        self._cached = list(tokens)
+        async with self._turn():
+            self._cached = []
+            self._write_sparams(SamplingParams(temperature=0.0))
+            await self._prefill(list(tokens))
         raw = await self.backend.read_buffer(self.state.logits, 0, 4 * self.args.vocab_size)
         return list(struct.unpack(f"<{self.args.vocab_size}f", raw))
 
@@ -342,24 +451,65 @@ class Engine:
         return self._template
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
+        messages = [{**m, "content": clean_text(m["content"])} if isinstance(m.get("content"), str) else m
+                    for m in messages]
         text = self.template.render(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, parse_special=True)
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw) -> Generation:
         """Plain completion of a prompt (text or token ids); iterate the result for text."""
         params = params or SamplingParams(**kw)
-        tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        tokens = self.tokenizer.encode(clean_text(prompt)) if isinstance(prompt, str) else list(prompt)
+        if params.truncation == "auto" and len(tokens) > self._prompt_limit(params):
+            keep = self._prompt_limit(params)
+            head = tokens[:1] if self.tokenizer.add_bos and tokens[:1] == [self.tokenizer.bos_id] else []
+            tokens = head + tokens[len(tokens) - keep + len(head):]
         return Generation(self, tokens, params)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, **kw) -> Generation:
         params = params or SamplingParams(**kw)
-        return Generation(self, self.chat_prompt(messages), params)
+        ids = self.chat_prompt(messages)
+        if params.truncation == "auto" and len(ids) > self._prompt_limit(params):
+            ids = self._truncate_chat(list(messages), self._prompt_limit(params))
+        return Generation(self, ids, params)
+
+    def _prompt_limit(self, params: SamplingParams) -> int:
+        """The longest prompt truncation="auto" keeps: the context less room for the answer."""
+        room = params.max_tokens if params.max_tokens is not None else ANSWER_ROOM
+        return self.context_length - max(1, min(room, self.context_length // 2))
+
+    def _truncate_chat(self, msgs: list[dict], limit: int) -> list[int]:
+        """Drops the oldest turns after the leading system messages, then the start of the last message."""
+        first = next((i for i, m in enumerate(msgs) if m.get("role") != "system"), len(msgs))
+        ids = self.chat_prompt(msgs)
+        while len(ids) > limit and len(msgs) - first > 1:
+            del msgs[first]
+            while len(msgs) - first > 1 and msgs[first].get("role") != "user":
+                del msgs[first]      # a conversation still opens with a user turn, as templates expect
+            ids = self.chat_prompt(msgs)
+        last = dict(msgs[-1])
+        content = self.tokenizer.encode(clean_text(str(last.get("content", ""))), parse_special=False)
+        while len(ids) > limit and content:
+            content = content[len(ids) - limit:]
+            last["content"] = self.tokenizer.decode(content)
+            ids = self.chat_prompt(msgs[:-1] + [last])
+        if len(ids) > limit:
+            raise ContextOverflowError(
+                f"the prompt has {len(ids)} tokens even without its older messages, but the context "
+                f"holds {self.context_length} (less {self.context_length - limit} kept for the answer); "
+                f"shorten the system message or use a larger context")
+        return ids
 
     def interrupt(self) -> None:
-        self._interrupt = True
+        """Stops the running generation, if any (see Generation.interrupt)."""
+        if self._current is not None:
+            self._current.interrupt()
 
     def reset(self) -> None:
         self._cached = []
+
+    def _turn(self):
+        return _Turn(self._turns, self.on_busy == "reject")
 
     async def _run(self, gen: Generation):
         p = gen.params
@@ -370,8 +520,19 @@ class Engine:
         if len(prompt) >= ctx:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt)} tokens but the context holds {ctx}; "
-                f"shorten the prompt or use a larger context")
-        self._interrupt = False
+                f"shorten the prompt, use a larger context, or ask for truncation=\"auto\"")
+        async with self._turn():
+            self._current = gen
+            try:
+                async for piece in self._generate(gen):
+                    yield piece
+            finally:
+                self._current = None
+
+    async def _generate(self, gen: Generation):
+        p = gen.params
+        prompt = gen.prompt_tokens
+        ctx = self.context_length
         sampler = Sampler(p)
         self._write_sparams(p)
         reuse = 0
@@ -381,14 +542,16 @@ class Engine:
             reuse += 1
         reuse = min(reuse, len(prompt) - 1)
         self._cached = self._cached[:reuse]
-        t0 = time.perf_counter()
-        cands = await self._prefill(prompt[reuse:], reuse)
-        self._cached = list(prompt)
-        t1 = time.perf_counter()
         gen.usage.prompt_tokens = len(prompt)
         gen.usage.cached_tokens = reuse
+        t0 = time.perf_counter()
+        cands = None if gen.interrupted else await self._prefill(prompt[reuse:], gen)
+        t1 = time.perf_counter()
         gen.timings.prefill_s = t1 - t0
-        gen.timings.prefill_tokens = len(prompt) - reuse
+        gen.timings.prefill_tokens = len(self._cached) - reuse
+        if cands is None or gen.interrupted:     # interrupted before the first token
+            gen.finish_reason = "abort"
+            return
         detok = self.tokenizer.detokenizer()
         stops = p.stop
         hold = max((len(s) for s in stops), default=1) - 1   # text that may still begin a stop string
@@ -419,7 +582,7 @@ class Engine:
                 pending = pending[len(out):]
                 gen.text += out
                 yield out
-            if self._interrupt:
+            if gen.interrupted:
                 gen.finish_reason = "abort"
                 break
             if gen.usage.completion_tokens >= max_new or len(self._cached) >= ctx:
@@ -433,3 +596,16 @@ class Engine:
         if tail:
             gen.text += tail
             yield tail
+
+
+class _Turn:
+    """`async with engine._turn():` holds the engine for one request."""
+
+    def __init__(self, turns: Turns, reject: bool):
+        self.turns, self.reject = turns, reject
+
+    async def __aenter__(self):
+        await self.turns.acquire(self.reject)
+
+    async def __aexit__(self, *exc):
+        self.turns.release()

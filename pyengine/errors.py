@@ -29,5 +29,9 @@ class RequestError(PyEngineError, ValueError):
         self.field = field
 
 
+class EngineBusyError(PyEngineError):
+    """A request arrived while another ran on an engine told to reject instead of queueing."""
+
+
 class GPUError(PyEngineError):
     """The GPU could not be set up or lost the device."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .errors import RequestError
 
 MAX_STOP_STRINGS = 16
+TRUNCATION = ("disabled", "auto")
 
 
 @dataclass
@@ -31,6 +32,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # what a prompt longer than the context does: "disabled" fails naming both lengths; "auto" drops
+    # the oldest messages after the system prompt (then the start of the last one) until it fits
+    truncation: str = "disabled"
 
     def __post_init__(self):
         self.validate()
@@ -62,6 +66,10 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise RequestError("stop", "every stop string must be a non-empty string")
         self.stop = list(self.stop)
+        if self.truncation not in TRUNCATION:
+            raise RequestError("truncation", f"must be one of {', '.join(TRUNCATION)}, got {self.truncation!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
 
 
 def _int(name, v, lo, hi):

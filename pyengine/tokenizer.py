@@ -10,6 +10,7 @@ kept whole.
 from __future__ import annotations
 
 import codecs
+import re
 import unicodedata
 
 from .errors import UnsupportedModelError
@@ -34,6 +35,15 @@ def _bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + n)
             n += 1
     return mapping
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Lone surrogates (JavaScript strings and undecodable command-line bytes can hold them;
+    they are not text) become U+FFFD; everything else, NUL included, is kept."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 BYTE_TO_UNICODE = _bytes_to_unicode()

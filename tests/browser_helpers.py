@@ -41,3 +41,19 @@ def native_greedy(engine, prompt, n):
             pass
     run(go())
     return gen.text
+
+
+def native_answer(path, prompt, n, context=128):
+    """A fresh native engine's greedy answer of n tokens (EOS ignored) to one user message."""
+    from pyengine.engine import Engine
+
+    engine = run(Engine.open(path, "native", context_length=context))
+    gen = engine.chat([{"role": "user", "content": prompt}],
+                      SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+
+    async def go():
+        async for _ in gen:
+            pass
+    run(go())
+    engine.close()
+    return gen.text

@@ -59,22 +59,29 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def site(tmp_path_factory):
+def tiny_llama_v2(tmp_path_factory):
+    """The tiny model's next version: the same shapes and names, other weights."""
+    from ggufs import write_tiny_llama
+
+    return str(write_tiny_llama(tmp_path_factory.mktemp("models-v2") / "tiny-llama.gguf", seed=1))
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory, tiny_llama, tiny_llama_v2):
     """The web build in a temporary dist/, served on 127.0.0.1: (folder, base URL)."""
     import subprocess
 
     from pyengine.serve import serve_in_thread
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    from ggufs import write_tiny_llama
     from pyengine.shards import pack
 
     out = str(tmp_path_factory.mktemp("site") / "dist")
     subprocess.run([sys.executable, os.path.join(root, "build", "build.py"), "--out", out], check=True,
                    stdout=subprocess.DEVNULL)
-    # a tiny model too, for tests that need many quick requests
-    tiny = write_tiny_llama(tmp_path_factory.mktemp("tiny-web") / "tiny.gguf")
-    pack(tiny, os.path.join(out, "models", "tiny"), max_shard=40_000)
+    # tiny models too, for tests that need many quick requests or two versions of one model
+    pack(tiny_llama, os.path.join(out, "models", "tiny"), max_shard=40_000)
+    pack(tiny_llama_v2, os.path.join(out, "models", "tiny-v2"), max_shard=40_000)
     httpd, url = serve_in_thread(out)
     yield out, url
     httpd.shutdown()

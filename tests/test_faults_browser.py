@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from browser_helpers import LOAD_JS, MODEL_DIR, SHARD, manifest_url, native_greedy, open_page
+from browser_helpers import LOAD_JS, MODEL_DIR, SHARD, manifest_url, native_answer, native_greedy, open_page
 
 ASK_JS = """async (q) => {
   const r = await window.engine.chat.completions.create({
@@ -247,4 +247,120 @@ def test_200_requests_in_one_page_do_not_grow_memory(browser, site):
     assert a["pythonObjects"] - b["pythonObjects"] < 2000
     if r["pageBefore"] is not None:
         assert r["pageAfter"] - r["pageBefore"] < 8 << 20
+    ctx.close()
+
+
+def test_deleting_a_model_while_another_tab_loads_it_corrupts_neither(browser, site, expected):
+    _, url = site
+    ctx = browser.new_context()
+    a, b = (open_page(browser, url, ctx)[1] for _ in range(2))
+    a.evaluate("""(m) => {
+      window.uploading = new Promise((ok) => { window.startedUpload = ok; });
+      window.loading = import('/web/pyengine.mjs').then((api) => api.createEngine({ model: m, contextLength: 256,
+        onProgress: (p) => { if (p.phase === "upload") window.startedUpload(); } })).then((e) => { window.engine = e; });
+    }""", manifest_url(url))
+    a.evaluate("() => window.uploading")
+    model_id = json.load(open(f"{site[0]}/{MODEL_DIR}/manifest.json"))["model"]["sha256"]
+    deleted = b.evaluate("""async (id) => {
+      const api = await import('/web/pyengine.mjs');
+      await api.deleteCachedModel(id);        // waits for tab A's upload to finish
+      return (await api.listCachedModels()).map((m) => m.id);
+    }""", model_id)
+    a.evaluate("() => window.loading")
+    assert deleted == []
+    assert a.evaluate(ASK_JS, QUESTION) == expected        # A's weights were on the GPU before the delete
+    b.requests.clear()
+    b.evaluate(LOAD_JS.replace("contextLength: 512", "contextLength: 256"), manifest_url(url))
+    with open(f"{site[0]}/{MODEL_DIR}/manifest.json") as f:
+        assert len(shard_requests(b)) == len(json.load(f)["shards"])   # all fetched again, none mixed
+    assert b.evaluate(ASK_JS, QUESTION) == expected
+    ctx.close()
+
+
+def test_an_upgraded_model_replaces_the_old_version(browser, site, tiny_llama, tiny_llama_v2):
+    out, url = site
+    ctx, page = open_page(browser, url)
+    version = {"dir": "tiny"}
+
+    def serve(route):     # one URL, whose content the server upgrades between two visits
+        name = route.request.url.rsplit("/", 1)[1]
+        with open(f"{out}/models/{version['dir']}/{name}", "rb") as f:
+            route.fulfill(status=200, body=f.read(),
+                          content_type="application/json" if name.endswith(".json") else "application/octet-stream")
+
+    page.route(re.compile(r"/models/app/[^/]+$"), serve)
+    ask = """async (m) => {
+      const api = await import('/web/pyengine.mjs');
+      const e = await api.createEngine({ model: m, contextLength: 128 });
+      const r = await e.chat.completions.create({ messages: [{ role: "user", content: "hello" }], temperature: 0,
+                                                  max_tokens: 6, ignore_eos: true });
+      await e.unload();
+      return { text: r.choices[0].message.content, models: await api.listCachedModels() };
+    }"""
+    first = page.evaluate(ask, url + "models/app/manifest.json")
+    version["dir"] = "tiny-v2"
+    page.reload()
+    second = page.evaluate(ask, url + "models/app/manifest.json")
+    ids = {v: json.load(open(f"{out}/models/{v}/manifest.json"))["model"]["sha256"] for v in ("tiny", "tiny-v2")}
+    assert [m["id"] for m in first["models"]] == [ids["tiny"]]
+    assert [m["id"] for m in second["models"]] == [ids["tiny-v2"]] and second["models"][0]["complete"]
+    shard_models = page.evaluate("""async () => {
+      const db = await new Promise((ok) => { const r = indexedDB.open("pyengine"); r.onsuccess = () => ok(r.result); });
+      const keys = await new Promise((ok) => { const r = db.transaction("shards").objectStore("shards").getAllKeys(); r.onsuccess = () => ok(r.result); });
+      return [...new Set(keys.map((k) => k[0]))];
+    }""")
+    assert shard_models == [ids["tiny-v2"]]       # no shard of the old version is left to mix in
+
+    assert first["text"] == native_answer(tiny_llama, "hello", 6)
+    assert second["text"] == native_answer(tiny_llama_v2, "hello", 6)
+    assert first["text"] != second["text"]
+    ctx.close()
+
+
+def test_cleanup_removes_an_interrupted_download_only(browser, site):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    page.route(re.compile(r"/models/tiny-v2/shard-00003\.bin$"), lambda route: route.abort())
+    r = page.evaluate("""async ([good, cut]) => {
+      const api = await import('/web/pyengine.mjs');
+      await (await api.createEngine({ model: good, contextLength: 128 })).unload();
+      try { await api.createEngine({ model: cut, contextLength: 128, download: { attempts: 1 } }); } catch (e) {}
+      const before = (await api.listCachedModels()).map((m) => m.complete);
+      const removed = await api.cleanupCache();
+      const after = (await api.listCachedModels()).map((m) => m.complete);
+      return { before: before.sort(), removed: removed.length, after };
+    }""", [url + "models/tiny/manifest.json", url + "models/tiny-v2/manifest.json"])
+    assert r == {"before": [False, True], "removed": 1, "after": [True]}
+    ctx.close()
+
+
+def test_a_manifest_naming_files_elsewhere_is_refused_before_any_request(browser, site):
+    out, url = site
+    ctx, page = open_page(browser, url)
+    m = json.load(open(f"{out}/models/tiny/manifest.json"))
+    m["shards"][1]["file"] = "https://elsewhere.example/shard.bin"
+    page.route(re.compile(r"/models/evil/manifest\.json$"),
+               lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(m)))
+    with pytest.raises(Exception, match="names a file outside the manifest's folder"):
+        page.evaluate("async (u) => (await import('/web/pyengine.mjs')).createEngine({ model: u })",
+                      url + "models/evil/manifest.json")
+    assert not [u for u in page.requests if "elsewhere" in u or SHARD.search(u)]
+    ctx.close()
+
+
+def test_a_gpu_that_runs_out_of_memory_mid_load_is_a_clear_error_then_loads_again(browser, site, tiny_llama):
+    _, url = site
+    ctx, page = open_page(browser, url)
+    r = page.evaluate("""async (model) => {
+      const api = await import('/web/pyengine.mjs');
+      let error = null;
+      try { await api.createEngine({ model, contextLength: 128, _faults: { failBufferAfter: 20 } }); }
+      catch (e) { error = e.message; }
+      const e = await api.createEngine({ model, contextLength: 128 });
+      const a = await e.chat.completions.create({ messages: [{ role: "user", content: "hello" }], temperature: 0,
+                                                  max_tokens: 6, ignore_eos: true });
+      return { error, text: a.choices[0].message.content };
+    }""", url + "models/tiny/manifest.json")
+    assert "could not allocate" in r["error"] and "out of memory" in r["error"]
+    assert r["text"] == native_answer(tiny_llama, "hello", 6)
     ctx.close()

@@ -68,22 +68,51 @@ class ChunkStream {
   }
 }
 
+// JSON would turn NaN and Infinity into null (the default); they reach the checks as text instead,
+// so the error names the field.
+function requestJson(request) {
+  return JSON.stringify(request, (k, v) => {
+    if (typeof v === "number" && !Number.isFinite(v)) return String(v);
+    if (typeof v === "bigint") return v.toString();
+    return v;
+  });
+}
+
+function badRequest(field, message) {
+  return Object.assign(new Error(`${field}: ${message}`), { field, name: "RequestError" });
+}
+
 export class Engine {
-  constructor(channel, worker, info) {
+  constructor(channel, worker, info, onBusy = "queue") {
     this._ch = channel;
     this._worker = worker;
     this.info = info;
+    this._onBusy = onBusy;
+    this._running = 0;
     this.chat = { completions: { create: (request) => this._create(request, "chat") } };
     this.completions = { create: (request) => this._create(request, "text") };   // plain text, no template
   }
 
   _create(request, kind) {
     if (request === null || typeof request !== "object" || Array.isArray(request)) {
-      return Promise.reject(Object.assign(new Error("request: must be an object"), { field: "request" }));
+      return Promise.reject(badRequest("request", "must be an object"));
     }
-    if (!request.stream) return this._ch.call("complete", { request, kind });
+    let text;
+    try { text = requestJson(request); } catch (e) { return Promise.reject(badRequest("request", e.message)); }
+    if (this._onBusy === "reject" && this._running > 0) {
+      return Promise.reject(Object.assign(new Error("another request is running on this engine; wait for it " +
+        "to finish or interrupt it (this engine rejects requests instead of queueing them)"), { name: "EngineBusyError" }));
+    }
+    this._running++;
+    const finished = () => { this._running--; };
+    if (!request.stream) {
+      const p = this._ch.call("complete", { request: text, kind });
+      p.then(finished, finished);
+      return p;
+    }
     const stream = new ChunkStream();
-    const started = this._ch.call("complete", { request, kind }, { onChunk: (c) => stream.push(c) });
+    const started = this._ch.call("complete", { request: text, kind }, { onChunk: (c) => stream.push(c) });
+    started.then(finished, finished);
     // a bad streaming request rejects create() itself, like a non-streaming one
     return new Promise((resolve, reject) => {
       let settled = false;
@@ -106,20 +135,25 @@ export class Engine {
 }
 
 // download: { concurrency, attempts, backoffMs, stallMs } tunes how shards are fetched.
-export async function createEngine({ model, onProgress, contextLength, chatTemplate, download } = {}) {
+// onBusy: "queue" (default) runs requests that arrive together one after another, in order;
+// "reject" fails a request made while another runs.
+export async function createEngine({ model, onProgress, contextLength, chatTemplate, download, onBusy = "queue",
+                                     _faults } = {}) {
   if (typeof model !== "string" || !model) {
-    throw Object.assign(new Error("model: give the URL of a model's manifest.json"), { field: "model" });
+    throw badRequest("model", "give the URL of a model's manifest.json");
   }
   if (contextLength != null && (!Number.isInteger(contextLength) || contextLength < 1)) {
-    throw Object.assign(new Error(`contextLength: must be a positive integer, got ${contextLength}`),
-                        { field: "contextLength" });
+    throw badRequest("contextLength", `must be a positive integer, got ${contextLength}`);
+  }
+  if (onBusy !== "queue" && onBusy !== "reject") {
+    throw badRequest("onBusy", `must be "queue" or "reject", got ${JSON.stringify(onBusy)}`);
   }
   const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
   const ch = new Channel(worker);
   try {
     const info = await ch.call("load", { model: new URL(model, location.href).href, contextLength, chatTemplate,
-                                         download }, { onProgress });
-    return new Engine(ch, worker, info);
+                                         download, faults: _faults }, { onProgress });
+    return new Engine(ch, worker, info, onBusy);
   } catch (e) {
     worker.terminate();
     throw e;

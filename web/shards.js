@@ -43,15 +43,44 @@ export async function sha256Hex(bytes) {
   return Array.from(d, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+const MAX_SHARD = 32 << 20;
+const HEX64 = /^[0-9a-f]{64}$/;
+const SHARD_FILE = /^[A-Za-z0-9_-][A-Za-z0-9._-]*$/;   // a plain name beside the manifest: no scheme, no path
+
+// The same checks as pyengine/shards.py: a manifest that fails them is never used.
 export function checkManifest(m) {
-  if (!m || m.format !== MANIFEST_FORMAT) throw new Error("not a pyengine shard manifest");
+  const bad = (msg) => { throw new Error(`the model manifest is not usable: ${msg}`); };
+  if (!m || typeof m !== "object" || m.format !== MANIFEST_FORMAT) throw new Error("not a pyengine shard manifest");
   if (m.version !== MANIFEST_VERSION) {
     throw new Error(`manifest version ${m.version} is not supported; this engine reads ${MANIFEST_VERSION}`);
   }
-  if (!m.model || typeof m.model.sha256 !== "string" || !Array.isArray(m.shards) || !m.shards.length) {
-    throw new Error("the manifest has no model hash or no shards");
+  if (!m.model || !Number.isSafeInteger(m.model.size) || typeof m.model.sha256 !== "string" || !HEX64.test(m.model.sha256)) {
+    bad("its model entry needs an integer size and a sha256");
   }
+  if (!Array.isArray(m.shards) || !m.shards.length) bad("it lists no shards");
+  let pos = 0;
+  m.shards.forEach((s, i) => {
+    if (!s || typeof s !== "object") bad(`shard ${i} is not an object`);
+    if (typeof s.file !== "string" || !SHARD_FILE.test(s.file)) {
+      bad(`shard ${i} names a file outside the manifest's folder: ${JSON.stringify(s.file)}`);
+    }
+    if (typeof s.sha256 !== "string" || !HEX64.test(s.sha256)) bad(`shard ${i} needs a sha256`);
+    if (s.offset !== pos || !Number.isSafeInteger(s.size) || s.size <= 0 || s.size > MAX_SHARD) {
+      bad(`shard ${i} does not continue the byte ranges (offset ${s.offset}, size ${s.size})`);
+    }
+    pos += s.size;
+  });
+  if (pos !== m.model.size) bad(`the shards cover ${pos} bytes but the model has ${m.model.size}`);
   return m;
+}
+
+// One Web Lock per model: downloading and deleting take it alone, uploading to the GPU shares it,
+// so two tabs never fetch the same shard twice and a delete never pulls shards from under a load.
+function withLock(id, mode, fn) {
+  if (typeof navigator !== "undefined" && navigator.locks) {
+    return navigator.locks.request(`pyengine-model-${id}`, { mode }, fn);
+  }
+  return fn();
 }
 
 const MB = (n) => `${(n / 1e6).toFixed(1)} MB`;
@@ -98,12 +127,22 @@ export class ShardStore {
   }
 
   // Fetches, verifies and stores every shard not already stored; onProgress gets bytes and shards done.
-  // Under a Web Lock per model, so two tabs loading the same model download each shard once.
+  // Then removes older versions of the model from the same manifest URL: an upgrade replaces them.
   async ensure(onProgress = () => {}) {
-    if (typeof navigator !== "undefined" && navigator.locks) {
-      return navigator.locks.request(`pyengine-model-${this.id}`, () => this._ensure(onProgress));
-    }
-    return this._ensure(onProgress);
+    const r = await withLock(this.id, "exclusive", () => this._ensure(onProgress));
+    r.removed = await this._dropStaleVersions();
+    return r;
+  }
+
+  // Runs fn while holding this model's lock in shared mode (reading shards to upload them).
+  reading(fn) { return withLock(this.id, "shared", fn); }
+
+  async _dropStaleVersions() {
+    const db = await openDB();
+    const models = await req(db.transaction("models", "readonly").objectStore("models").getAll());
+    const stale = models.filter((m) => m.manifestUrl === this.url && m.id !== this.id).map((m) => m.id);
+    for (const id of stale) await deleteCachedModel(id);
+    return stale;
   }
 
   async _ensure(onProgress) {
@@ -273,26 +312,40 @@ export async function listCachedModels() {
   return out;
 }
 
-// Removes what no complete model uses: shards of models without a record and incomplete models
-// other than those named in `keep`.
+// Removes what no complete model uses: incomplete models other than those named in `keep` (checked
+// again under the model's lock, so a download that completes meanwhile is kept) and shards of no model.
 export async function cleanupCache({ keep = [] } = {}) {
   const db = await openDB();
   const models = await req(db.transaction("models", "readonly").objectStore("models").getAll());
-  const known = new Set(models.map((m) => m.id));
   const removed = [];
   for (const m of models) {
-    if (!m.complete && !keep.includes(m.id)) { await deleteCachedModel(m.id); removed.push(m.id); known.delete(m.id); }
+    if (m.complete || keep.includes(m.id)) continue;
+    await withLock(m.id, "exclusive", async () => {
+      const now = await req(db.transaction("models", "readonly").objectStore("models").get(m.id));
+      if (now && !now.complete) { await removeModel(db, m.id); removed.push(m.id); }
+    });
   }
+  const known = new Set((await req(db.transaction("models", "readonly").objectStore("models").getAllKeys())));
   const keys = await req(db.transaction("shards", "readonly").objectStore("shards").getAllKeys());
   const orphans = [...new Set(keys.map((k) => k[0]).filter((id) => !known.has(id)))];
-  for (const id of orphans) { await deleteCachedModel(id); removed.push(id); }
+  for (const id of orphans) {
+    await withLock(id, "exclusive", async () => {
+      const now = await req(db.transaction("models", "readonly").objectStore("models").get(id));
+      if (!now) { await removeModel(db, id); removed.push(id); }
+    });
+  }
   return removed;
 }
 
-export async function deleteCachedModel(id) {
-  const db = await openDB();
+async function removeModel(db, id) {
   const tx = db.transaction(["models", "shards"], "readwrite");
   tx.objectStore("models").delete(id);
   tx.objectStore("shards").delete(IDBKeyRange.bound([id, 0], [id, Infinity]));
   await done(tx);
+}
+
+// Waits for any tab downloading or uploading this model, then removes it in one transaction.
+export async function deleteCachedModel(id) {
+  if (typeof id !== "string" || !id) throw new Error("deleteCachedModel: give the id of a cached model");
+  await withLock(id, "exclusive", async () => removeModel(await openDB(), id));
 }

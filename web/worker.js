@@ -24,6 +24,66 @@ async function boot() {
   session = pyodide.runPython("from pyengine.browser import Session\nSession()");
 }
 
+async function load(id, { model, contextLength, chatTemplate, download, faults }) {
+  await boot();
+  if (session) session.unload();
+  if (replayer) replayer.destroyAll();
+  replayer = null;
+  const store = await ShardStore.open(model, download || {});
+  const progress = (p) => reply(id, "progress", p);
+  const t0 = performance.now();
+  const { fetched } = await store.ensure(progress);
+  const t1 = performance.now();
+  const { device, info, features } = await openDevice();
+  replayer = new Replayer(device, info, features);
+  if (faults && Number.isInteger(faults.failBufferAfter)) injectAllocationFailure(replayer, faults.failBufferAfter);
+  self.pyengineGPU = replayer;
+  const total = store.manifest.model.size;
+  let uploaded = 0;
+  const sink = {
+    writeTensor: async (bufId, offset, n) => {
+      await store.writeTensor(replayer, bufId, offset, n);
+      uploaded += n;
+      progress({ phase: "upload", loadedBytes: uploaded, totalBytes: total,
+                 shardsDone: store.manifest.shards.length, shardsTotal: store.manifest.shards.length });
+    },
+  };
+  const header = await store.header();
+  // allocation failures and invalid use are reported asynchronously by WebGPU: catch them
+  // here, so that a model that did not fully reach the GPU is never used
+  device.pushErrorScope("out-of-memory");
+  device.pushErrorScope("validation");
+  // under a shared lock: a tab deleting this model waits until the weights are on the GPU
+  const text = await store.reading(() => session.load(JSON.stringify(store.manifest), header, sink,
+    JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null })));
+  store.release();
+  const invalid = await device.popErrorScope();
+  const oom = await device.popErrorScope();
+  if (oom || invalid) {
+    session.unload();
+    replayer = null;
+    throw new Error(oom ? `the GPU ran out of memory while loading the model: ${oom.message}`
+                        : `the GPU rejected the model's setup: ${invalid.message}`);
+  }
+  const info2 = fail(text);
+  info2.shardsFetched = fetched + (store.refetched || 0);
+  info2.shardsRefetched = store.refetched || 0;
+  info2.downloadSeconds = (t1 - t0) / 1000;
+  info2.loadSeconds = (performance.now() - t0) / 1000;
+  info2.modelId = store.id;
+  return info2;
+}
+
+// For fault tests: the GPU refuses every buffer after the first n, as a device out of memory does.
+function injectAllocationFailure(r, n) {
+  const real = r.createBuffer.bind(r);
+  let made = 0;
+  r.createBuffer = (size, label) => {
+    if (++made > n) { r.error = `out of memory (${size} bytes)`; return -1; }
+    return real(size, label);
+  };
+}
+
 function reply(id, type, data) { self.postMessage({ id, type, data }); }
 
 function fail(text) {
@@ -38,50 +98,16 @@ function fail(text) {
 }
 
 const ops = {
-  async load(id, { model, contextLength, chatTemplate, download }) {
-    await boot();
-    if (replayer) { session.unload(); replayer = null; }
-    const store = await ShardStore.open(model, download || {});
-    const progress = (p) => reply(id, "progress", p);
-    const t0 = performance.now();
-    const { fetched } = await store.ensure(progress);
-    const t1 = performance.now();
-    const { device, info, features } = await openDevice();
-    replayer = new Replayer(device, info, features);
-    self.pyengineGPU = replayer;
-    const total = store.manifest.model.size;
-    let uploaded = 0;
-    const sink = {
-      writeTensor: async (bufId, offset, n) => {
-        await store.writeTensor(replayer, bufId, offset, n);
-        uploaded += n;
-        progress({ phase: "upload", loadedBytes: uploaded, totalBytes: total,
-                   shardsDone: store.manifest.shards.length, shardsTotal: store.manifest.shards.length });
-      },
-    };
-    const header = await store.header();
-    // allocation failures and invalid use are reported asynchronously by WebGPU: catch them
-    // here, so that a model that did not fully reach the GPU is never used
-    device.pushErrorScope("out-of-memory");
-    device.pushErrorScope("validation");
-    const text = await session.load(JSON.stringify(store.manifest), header, sink,
-                                    JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null }));
-    store.release();
-    const invalid = await device.popErrorScope();
-    const oom = await device.popErrorScope();
-    if (oom || invalid) {
-      session.unload();
+  async load(id, args) {
+    try {
+      return await load(id, args);
+    } catch (e) {
+      // nothing of a failed load stays: no half-built model is ever used, and the GPU memory is freed
+      if (session) session.unload();
+      if (replayer) replayer.destroyAll();
       replayer = null;
-      throw new Error(oom ? `the GPU ran out of memory while loading the model: ${oom.message}`
-                          : `the GPU rejected the model's setup: ${invalid.message}`);
+      throw e;
     }
-    const info2 = fail(text);
-    info2.shardsFetched = fetched + (store.refetched || 0);
-    info2.shardsRefetched = store.refetched || 0;
-    info2.downloadSeconds = (t1 - t0) / 1000;
-    info2.loadSeconds = (performance.now() - t0) / 1000;
-    info2.modelId = store.id;
-    return info2;
   },
 
   async complete(id, { request, kind }) {
@@ -90,7 +116,7 @@ const ops = {
     const device = replayer.device;
     device.pushErrorScope("out-of-memory");
     device.pushErrorScope("validation");
-    const text = await session.complete(JSON.stringify(request), (chunk) => reply(id, "chunk", chunk), kind || "chat");
+    const text = await session.complete(request, (chunk) => reply(id, "chunk", chunk), kind || "chat", id);
     const invalid = await device.popErrorScope();
     const oom = await device.popErrorScope();
     if (oom || invalid) throw new Error(`the GPU failed during the request: ${(oom || invalid).message}`);
@@ -119,20 +145,25 @@ const ops = {
   async unload() { if (session) session.unload(); replayer = null; },
 };
 
+let active = null;   // the id of the request running now
+
 self.onmessage = (e) => {
   const { id, op, args } = e.data;
   if (op === "interrupt") {            // never queued: it must reach the running request
-    if (session) session.interrupt();
+    if (session && active !== null) session.interrupt(active);
     reply(id, "result", null);
     return;
   }
   const run = async () => {
+    if (op === "complete") active = id;
     try {
       if (!ops[op]) throw new Error(`unknown operation ${op}`);
       reply(id, "result", await ops[op](id, args || {}));
     } catch (err) {
       reply(id, "error", { message: err && err.message ? err.message : String(err), field: err && err.field,
                            type: err && err.type });
+    } finally {
+      if (active === id) active = null;
     }
   };
   queue = queue.then(run, run);

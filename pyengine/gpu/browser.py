@@ -44,7 +44,7 @@ class BrowserBackend(Backend):
         self.calls += 1
         bid = self.r.createBuffer(size, label)
         if bid < 0:
-            raise GPUError(f"could not allocate {size} bytes of GPU memory for '{label}'")
+            raise GPUError(f"could not allocate {size} bytes of GPU memory for '{label}': {self.r.lastError()}")
         self.bytes_allocated += size
         return JSBuffer(bid, size, label)
 
