@@ -22,8 +22,9 @@ class ShardWeights:
     def __init__(self, store):
         self.store = store
 
-    async def write_tensor(self, backend, buffer, info):
-        await self.store.writeTensor(buffer.id, info.offset, info.nbytes)
+    async def write_tensor(self, backend, buffer, info, offset: int = 0, nbytes: int | None = None):
+        n = info.nbytes - offset if nbytes is None else nbytes
+        await self.store.writeTensor(buffer.id, info.offset + offset, n)
 
 
 def _error(e: Exception) -> str:

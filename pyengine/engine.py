@@ -13,15 +13,16 @@ import time
 from dataclasses import dataclass, field
 
 from .chat_template import ChatTemplate
-from .errors import ContextOverflowError, EngineBusyError, GGUFError, PyEngineError, UnsupportedModelError
+from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError, PyEngineError,
+                     UnsupportedModelError)
 from .gguf import GGUFFile, read_gguf
 from .gpu import Binding, open_backend
 from .graph import GraphBuilder, ScratchPool
-from .kernels import KERNEL_QTYPES, REPACKED_QTYPES, TOPK, Kernels, packed_nbytes
+from .kernels import BLOCK_VALUES, KERNEL_QTYPES, TOPK, UNIFORM_BYTES, Kernels, packed_nbytes
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
 from .tokenizer import Tokenizer, clean_text
-from .weights import upload_weight
+from .weights import staging_bytes, upload_weight
 
 MAX_CHUNK = 512          # tokens per prefill plan replay
 MIN_BUCKET = 16
@@ -37,10 +38,12 @@ class FileWeights:
         self.path = str(path)
         self._f = open(self.path, "rb")
 
-    def write_tensor(self, backend, buffer, info) -> None:
-        self._f.seek(info.offset)
-        data = self._f.read(info.nbytes)
-        if len(data) != info.nbytes:
+    def write_tensor(self, backend, buffer, info, offset: int = 0, nbytes: int | None = None) -> None:
+        """Bytes [offset, offset + nbytes) of the tensor's data to the start of `buffer`."""
+        n = info.nbytes - offset if nbytes is None else nbytes
+        self._f.seek(info.offset + offset)
+        data = self._f.read(n)
+        if len(data) != n:
             raise GGUFError(f"GGUF file is truncated: tensor '{info.name}' is cut short")
         pad = -len(data) % 4
         backend.write_buffer(buffer, 0, data + b"\0" * pad if pad else data)
@@ -206,7 +209,7 @@ class Generation:
 class Engine:
     def __init__(self, gguf: GGUFFile, backend, context_length: int | None = None,
                  kv_f16: bool = False, chat_template: str | None = None, max_chunk: int = MAX_CHUNK,
-                 on_busy: str = "queue"):
+                 on_busy: str = "queue", gpu_memory_limit: int | None = None):
         if on_busy not in ("queue", "reject"):
             raise PyEngineError(f"on_busy must be 'queue' or 'reject', got {on_busy!r}")
         self.on_busy = on_busy
@@ -229,7 +232,9 @@ class Engine:
         self.max_chunk = min(max_chunk, ctx)
         self.backend = backend
         self.kernels = Kernels(backend)
+        self.kv_f16 = kv_f16
         self._check_tensors(cls)
+        self.memory = self._check_memory(gpu_memory_limit)
         self.weights: dict = {}
         self._staging = None
         self.model = None
@@ -262,7 +267,7 @@ class Engine:
     def close(self) -> None:
         """Frees every GPU buffer this engine allocated; the engine cannot run afterwards."""
         be = self.backend
-        bufs = [w.buffer for w in self.weights.values()] + self.state.buffers()
+        bufs = [b for w in self.weights.values() for b in w.buffers] + self.state.buffers()
         if self._staging is not None:
             bufs.append(self._staging)
         self.weights, self._staging, self.model, self.decode_plan = {}, None, None, None
@@ -318,36 +323,56 @@ class Engine:
                 raise UnsupportedModelError(
                     f"tensor '{name}' has quant type {info.type_name}, which is not supported; "
                     f"supported: {', '.join(KERNEL_QTYPES)}")
-            if len(info.shape) > 1 and info.shape[0] % 8:
-                raise UnsupportedModelError(f"tensor '{name}' has rows of {info.shape[0]} values, "
-                                            f"not a multiple of 8")
+            if len(info.shape) > 1 and info.shape[0] % BLOCK_VALUES[info.type_name]:
+                raise UnsupportedModelError(f"tensor '{name}' has rows of {info.shape[0]} values, not a "
+                                            f"multiple of {BLOCK_VALUES[info.type_name]} as {info.type_name} needs")
 
-    def gpu_bytes_needed(self) -> int:
-        t = self.gguf.tensors
-        total = 0
+    def _tensor_shapes(self):
         for name in self._names:
-            info = t[name]
+            info = self.gguf.tensors[name]
             cols = info.shape[0]
-            rows = info.n_elements // cols
-            total += packed_nbytes(info.type_name, rows, cols)
-        return total
+            yield info, info.n_elements // cols, cols
+
+    def memory_plan(self) -> dict:
+        """The GPU memory this model needs, in bytes, known before any weight is loaded."""
+        a = self.args
+        weights = sum(packed_nbytes(i.type_name, r, c) for i, r, c in self._tensor_shapes())
+        limit = self.backend.max_storage_binding
+        staging = max((staging_bytes(i.type_name, r, c, limit) for i, r, c in self._tensor_shapes()), default=0)
+        kv = 2 * a.n_layers * self.context_length * a.n_kv_heads * a.head_dim * (2 if self.kv_f16 else 4)
+        # activations of the largest prefill chunk: the widest tensors a layer keeps alive at once
+        q_width = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim
+        working = (self.max_chunk * 4 * (3 * a.dim + q_width + 2 * a.ffn_dim) + 12 * UNIFORM_BYTES
+                   + 3 * 4 * a.vocab_size + 64 * 1024)
+        return {"weights": weights, "kv_cache": kv, "working": working, "upload_staging": staging,
+                "total": weights + kv + working + staging}
+
+    def _check_memory(self, limit: int | None):
+        plan = self.memory_plan()
+        if limit is not None and plan["total"] > limit:
+            raise GPUError(
+                f"this model needs {plan['total'] / 1e6:.0f} MB of GPU memory (weights "
+                f"{plan['weights'] / 1e6:.0f} MB, KV cache {plan['kv_cache'] / 1e6:.0f} MB for a context of "
+                f"{self.context_length}, working memory {(plan['working'] + plan['upload_staging']) / 1e6:.0f} MB) "
+                f"but the limit is {limit / 1e6:.0f} MB; use a smaller context or a smaller model")
+        return plan
 
     async def _upload(self, src) -> dict:
         """Every weight onto the GPU, in file order (a browser source then reads each shard once)."""
         be = self.backend
-        infos = sorted((self.gguf.tensors[n] for n in self._names), key=lambda t: t.offset)
-        raw_max = max((i.nbytes for i in infos if i.type_name in REPACKED_QTYPES), default=0)
+        infos = sorted(self._tensor_shapes(), key=lambda t: t[0].offset)
+        raw_max = max((staging_bytes(i.type_name, r, c, be.max_storage_binding) for i, r, c in infos), default=0)
         self._staging = be.create_buffer(raw_max + 4, "upload staging") if raw_max else None
         weights = {}
         try:
-            for info in infos:
-                cols = info.shape[0]
+            for info, rows, cols in infos:
                 weights[info.name] = await upload_weight(
-                    be, self.kernels, info.name, info.type_name, info.n_elements // cols, cols,
-                    lambda buf, info=info: src.write_tensor(be, buf, info), self._staging)
+                    be, self.kernels, info.name, info.type_name, rows, cols,
+                    lambda buf, off, n, info=info: src.write_tensor(be, buf, info, off, n), self._staging)
         except BaseException:
             for w in weights.values():
-                be.destroy_buffer(w.buffer)
+                for b in w.buffers:
+                    be.destroy_buffer(b)
             raise
         return weights
 

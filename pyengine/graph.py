@@ -20,7 +20,9 @@ F32 = 4
 
 @dataclass(eq=False)
 class Weight:
-    """A weight on the GPU: a [rows, cols] matrix (packed quantized) or a vector of f32."""
+    """A weight on the GPU: a [rows, cols] matrix (packed quantized) or a vector of f32.
+    A matrix larger than one storage binding lies in several buffers of consecutive rows: `parts`
+    holds (first row, rows, buffer) for each, and every op runs once per part."""
 
     name: str
     qtype: str
@@ -28,6 +30,15 @@ class Weight:
     cols: int
     buffer: object
     nbytes: int
+    parts: list | None = None
+
+    def __post_init__(self):
+        if self.parts is None:
+            self.parts = [(0, self.rows, self.buffer)]
+
+    @property
+    def buffers(self) -> list:
+        return [b for _, _, b in self.parts]
 
 
 class Tensor:
@@ -106,8 +117,10 @@ class GraphBuilder:
     def embed(self, w: Weight, scale: float = 1.0) -> Tensor:
         out = self._tensor(w.cols)
         units = self.m_cap * w.cols // 8
-        self._dispatch("embed", {"qtype": w.qtype}, {"N": w.rows, "K": w.cols, "SCALE": scale},
-                       {0: w.buffer, 1: out.buffer, 2: self._step()}, -(-units // 64), f"embed {w.name}")
+        for row0, rows, buf in w.parts:     # each part fills the rows of the tokens it holds
+            self._dispatch("embed", {"qtype": w.qtype},
+                           {"N": rows, "K": w.cols, "SCALE": scale, "ROW0": row0, "NTOTAL": w.rows},
+                           {0: buf, 1: out.buffer, 2: self._step()}, -(-units // 64), f"embed {w.name}")
         return out
 
     def rms_norm(self, x: Tensor, w: Weight, eps: float, last_row: bool = False) -> Tensor:
@@ -130,27 +143,29 @@ class GraphBuilder:
         uniform = t > 0
         t = t or 8
         params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, t=t, x_uniform=uniform)
-        groups = -(-w.rows // params["wg"])
-        for i in range(-(-x.rows // t)):
-            xb = Binding(x.buffer, i * t * k * F32, UNIFORM_BYTES) if uniform else Binding(x.buffer)
-            self._dispatch("matmul", params, {"N": w.rows, "K": k},
-                           {0: w.buffer, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)},
-                           groups, f"matmul {w.name}")
+        for row0, rows, buf in w.parts:
+            groups = -(-rows // params["wg"])
+            for i in range(-(-x.rows // t)):
+                xb = Binding(x.buffer, i * t * k * F32, UNIFORM_BYTES) if uniform else Binding(x.buffer)
+                self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows},
+                               {0: buf, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)},
+                               groups, f"matmul {w.name}")
         return out
 
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None):
         uniform = self.k.matvec_uniform(w.cols)
         params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=uniform)
         per_group = params["wg"] * params["rows"]
-        binds = {0: w.buffer, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out}
-        if w2 is not None:
-            binds[3] = w2.buffer
-        self._dispatch("matvec", params, {"N": w.rows, "K": w.cols}, binds,
-                       -(-w.rows // per_group), f"{epilogue} {w.name}")
+        for p, (row0, rows, buf) in enumerate(w.parts):
+            binds = {0: buf, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out}
+            if w2 is not None:
+                binds[3] = w2.parts[p][2]
+            self._dispatch("matvec", params, {"N": rows, "K": w.cols, "ROW0": row0}, binds,
+                           -(-rows // per_group), f"{epilogue} {w.name}")
 
     def swiglu(self, x: Tensor, gate: Weight, up: Weight) -> Tensor:
         """silu(x gate^T) * (x up^T)."""
-        if x.rows == 1 and gate.qtype == up.qtype:
+        if x.rows == 1 and gate.qtype == up.qtype and len(gate.parts) == len(up.parts) == 1:
             out = self._tensor(gate.rows, 1)
             self._matvec(gate, x, out.buffer, "swiglu", w2=up)
             return out

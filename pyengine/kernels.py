@@ -12,9 +12,16 @@ import json
 from .errors import UnsupportedModelError
 
 # quant types the mat-vec, mat-mat and embedding kernels read
-KERNEL_QTYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
-# quant types stored as raw GGUF blocks that the repack kernel lays out for aligned loads
-REPACKED_QTYPES = ("Q4_0", "Q4_1", "Q8_0")
+KERNEL_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+# quant types whose GGUF blocks the repack kernel lays out for aligned loads (the others are read as stored)
+REPACKED_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q6_K")
+# values per block: a row's length must be a multiple of it
+BLOCK_VALUES = {"F32": 8, "F16": 8, "BF16": 8, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
+                "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+# GGUF blocks: (values, bytes) per block, for the raw upload
+GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+               "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "F32": (1, 4), "F16": (1, 2),
+               "BF16": (1, 2)}
 
 TOPK = 64           # candidates read back per token
 TOPK_CHUNK = 1024   # logits per workgroup in the first top-k pass
@@ -35,13 +42,24 @@ MATMUL_MAX_TILE = 8          # tokens per mat-mat dispatch
 def packed_nbytes(qtype: str, rows: int, cols: int) -> int:
     """Bytes of a [rows, cols] weight once repacked (see shaders/_quant.wgsl.j2)."""
     blocks = rows * cols // 32
+    kblocks = rows * cols // 256
     if qtype == "Q4_0":
         return blocks * 16 + -(-blocks // 2) * 4
     if qtype == "Q4_1":
         return blocks * 20
+    if qtype == "Q5_0":
+        return blocks * 20 + -(-blocks // 2) * 4
+    if qtype == "Q5_1":
+        return blocks * 24
     if qtype == "Q8_0":
         return blocks * 32 + -(-blocks // 2) * 4
-    if qtype == "F16":
+    if qtype == "Q4_K":
+        return kblocks * 144
+    if qtype == "Q5_K":
+        return kblocks * 176
+    if qtype == "Q6_K":
+        return kblocks * 212
+    if qtype in ("F16", "BF16"):
         return rows * cols * 2
     if qtype == "F32":
         return rows * cols * 4

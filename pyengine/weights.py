@@ -10,29 +10,59 @@ from __future__ import annotations
 from .errors import UnsupportedModelError
 from .gpu import Binding, Dispatch, split_workgroups
 from .graph import Weight
-from .kernels import REPACKED_QTYPES, packed_nbytes
+from .kernels import GGUF_BLOCKS, REPACKED_QTYPES, packed_nbytes
+
+
+def split_rows(qtype: str, rows: int, cols: int, limit: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each part of a [rows, cols] weight, each part's packed bytes within `limit`
+    (the largest storage binding): a tensor larger than one binding is split by rows."""
+    whole = packed_nbytes(qtype, rows, cols)
+    if whole <= limit:
+        return [(0, rows)]
+    per = max(1, rows * limit // whole)
+    while per > 1 and packed_nbytes(qtype, per, cols) > limit:
+        per -= 1
+    if packed_nbytes(qtype, per, cols) > limit:
+        raise UnsupportedModelError(
+            f"one row of a {qtype} weight of {cols} columns needs {packed_nbytes(qtype, 1, cols)} bytes, "
+            f"more than this GPU binds at once ({limit})")
+    return [(r, min(per, rows - r)) for r in range(0, rows, per)]
 
 
 async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols: int, write_raw,
                         staging=None) -> Weight:
-    """write_raw(buffer) puts the tensor's raw GGUF bytes at the start of `buffer` (it may be a
-    coroutine: in the browser the bytes come from IndexedDB). Repacked types need `staging`,
-    a buffer at least as large as the raw bytes."""
-    nbytes = packed_nbytes(qtype, rows, cols)
-    if nbytes > backend.max_storage_binding:
-        raise UnsupportedModelError(
-            f"tensor '{name}' needs {nbytes} bytes in one binding, more than this GPU allows "
-            f"({backend.max_storage_binding})")
-    buf = backend.create_buffer(nbytes, name)
-    if qtype in REPACKED_QTYPES:
-        await _maybe_await(write_raw(staging))   # the repack must be queued after the write
-        blocks = rows * cols // 32
-        pipe = kernels.pipeline("repack", {"qtype": qtype}, {"NB": blocks})
-        groups = split_workgroups(-(-blocks // 128), backend.max_workgroups_per_dim)
-        backend.submit(backend.create_plan([Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
-    else:
-        await _maybe_await(write_raw(buf))
-    return Weight(name, qtype, rows, cols, buf, nbytes)
+    """write_raw(buffer, offset, nbytes) puts bytes [offset, offset + nbytes) of the tensor's raw GGUF
+    data at the start of `buffer` (it may be a coroutine: in the browser the bytes come from
+    IndexedDB). Repacked types need `staging`, a buffer as large as the largest part's raw bytes."""
+    row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
+    parts = []
+    try:
+        for row0, n in split_rows(qtype, rows, cols, backend.max_storage_binding):
+            label = name if row0 == 0 and n == rows else f"{name} rows {row0}-{row0 + n - 1}"
+            buf = backend.create_buffer(packed_nbytes(qtype, n, cols), label)
+            parts.append((row0, n, buf))
+            if qtype in REPACKED_QTYPES:
+                await _maybe_await(write_raw(staging, row0 * row_bytes, n * row_bytes))   # queued before the repack
+                blocks = n * cols // GGUF_BLOCKS[qtype][0]
+                pipe = kernels.pipeline("repack", {"qtype": qtype}, {"NB": blocks})
+                groups = split_workgroups(-(-blocks // 128), backend.max_workgroups_per_dim)
+                backend.submit(backend.create_plan(
+                    [Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
+            else:
+                await _maybe_await(write_raw(buf, row0 * row_bytes, n * row_bytes))
+    except BaseException:
+        for _, _, b in parts:
+            backend.destroy_buffer(b)
+        raise
+    return Weight(name, qtype, rows, cols, parts[0][2], packed_nbytes(qtype, rows, cols), parts)
+
+
+def staging_bytes(qtype: str, rows: int, cols: int, limit: int) -> int:
+    """The staging a repacked weight needs: the raw bytes of its largest part."""
+    if qtype not in REPACKED_QTYPES:
+        return 0
+    row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
+    return max(n for _, n in split_rows(qtype, rows, cols, limit)) * row_bytes
 
 
 async def _maybe_await(x):

@@ -43,13 +43,40 @@ def add_tokenizer(w: GGUFWriter, vocab: int, chat_template: str | None = CHATML)
         w.add_string("tokenizer.chat_template", chat_template)
 
 
-def add_matrix(w: GGUFWriter, name: str, x: np.ndarray, qtype: str):
-    """x: [rows, cols] float32, stored as qtype."""
+# K-quant blocks: (bytes, [(byte offset of an f16 scale, its size relative to `scale`)])
+K_BLOCKS = {
+    "Q4_K": (144, [(0, 1 / 400), (2, 1 / 400)]),     # d, dmin; then scales[12], qs[128]
+    "Q5_K": (176, [(0, 1 / 800), (2, 1 / 800)]),     # d, dmin; then scales[12], qh[32], qs[128]
+    "Q6_K": (210, [(208, 1 / 2000)]),                # ql[128], qh[64], scales[16]; then d
+}
+
+
+def random_kquant(rows: int, cols: int, qtype: str, rng, scale: float = 1.0) -> np.ndarray:
+    """Raw K-quant blocks with random quants and sub-block scales (every bit pattern) and f16 super-block
+    scales chosen so that values have about `scale` magnitude; [rows, bytes per row] uint8.
+    (The gguf package dequantizes these types but cannot quantize them.)"""
+    nbytes, fields = K_BLOCKS[qtype]
+    blocks = rows * cols // 256
+    raw = rng.integers(0, 256, (blocks, nbytes), dtype=np.uint8)
+    for off, rel in fields:
+        d = (rng.uniform(0.5, 1.5, blocks) * scale * rel).astype(np.float16)
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(blocks, 2)
+    return raw.reshape(rows, cols // 256 * nbytes)
+
+
+def add_matrix(w: GGUFWriter, name: str, x: np.ndarray, qtype: str, rng=None):
+    """x: [rows, cols] float32, stored as qtype (K-quants: random blocks of x's shape and scale)."""
     q = Q[qtype]
-    if q == Q.F32:
+    if qtype in K_BLOCKS:
+        scale = float(np.abs(x).mean()) * 1.25
+        w.add_tensor(name, random_kquant(x.shape[0], x.shape[1], qtype, rng or np.random.default_rng(0), scale),
+                     raw_dtype=q)
+    elif q == Q.F32:
         w.add_tensor(name, x.astype(np.float32))
     elif q == Q.F16:
         w.add_tensor(name, x.astype(np.float16))
+    elif q == Q.BF16:
+        w.add_tensor(name, quantize(x.astype(np.float32), q), raw_dtype=q)
     else:
         w.add_tensor(name, quantize(x.astype(np.float32), q), raw_dtype=q)
 

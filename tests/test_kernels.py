@@ -12,22 +12,26 @@ from gguf.quants import dequantize, quantize
 
 from pyengine.engine import KVCache, State
 from pyengine.graph import GraphBuilder, Tensor, Weight
-from pyengine.kernels import TOPK, UNIFORM_BYTES, Kernels
+from pyengine.kernels import TOPK, UNIFORM_BYTES, Kernels, packed_nbytes
 from pyengine.weights import upload_weight
 
-QTYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0"]
+from ggufs import K_BLOCKS, random_kquant
+
+QTYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
-def quantized(x: np.ndarray, qtype: str):
-    """(raw GGUF bytes, the values they stand for)."""
+def quantized(x: np.ndarray, qtype: str, rng=None):
+    """(raw GGUF bytes, the values they stand for). K-quants: random blocks of x's shape."""
     q = Q[qtype]
     if qtype == "F32":
         data = x.astype(np.float32)
     elif qtype == "F16":
         data = x.astype(np.float16)
+    elif qtype in K_BLOCKS:
+        data = random_kquant(x.shape[0], x.shape[1], qtype, rng or np.random.default_rng(x.size))
     else:
         data = quantize(x.astype(np.float32), q)
-    return data.tobytes(), dequantize(data if qtype != "F16" else data, q).reshape(x.shape).astype(np.float64)
+    return data.tobytes(), dequantize(data, q).reshape(x.shape).astype(np.float64)
 
 
 class Rig:
@@ -42,10 +46,13 @@ class Rig:
 
     def weight(self, x: np.ndarray, qtype: str, name="w"):
         raw, values = quantized(x, qtype)
-        raw += bytes(-len(raw) % 4)
-        staging = self.be.create_buffer(len(raw), "staging")
-        w = asyncio.run(upload_weight(self.be, self.k, name, qtype, x.shape[0], x.shape[1],
-                                      lambda buf: self.be.write_buffer(buf, 0, raw), staging))
+        staging = self.be.create_buffer(len(raw) + 4, "staging")
+
+        def write(buf, off, n):
+            part = raw[off:off + n]
+            self.be.write_buffer(buf, 0, part + bytes(-len(part) % 4))
+
+        w = asyncio.run(upload_weight(self.be, self.k, name, qtype, x.shape[0], x.shape[1], write, staging))
         return w, values
 
     def vector(self, v: np.ndarray) -> Weight:
@@ -86,8 +93,10 @@ def close(a, b, rtol=2e-5):
 
 
 def shapes_for(qtype):
-    if qtype in ("F32", "F16"):
+    if qtype in ("F32", "F16", "BF16"):
         return [(1, 8), (77, 40), (300, 96), (130, 160)]
+    if qtype in K_BLOCKS:
+        return [(1, 256), (77, 512), (300, 256), (130, 768)]
     return [(1, 32), (77, 96), (300, 160), (130, 64)]
 
 
@@ -160,7 +169,7 @@ def test_matmul_accumulates(rig):
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_embedding_rows(rig, qtype):
-    vocab, dim = 300, 96
+    vocab, dim = 300, (256 if qtype in K_BLOCKS else 96)
     w, wv = rig.weight(rig.rng.standard_normal((vocab, dim)), qtype)
     tokens = [0, 299, 5, 5, 123]
     rig.step(0, len(tokens), tokens)
@@ -296,3 +305,23 @@ def test_logits_processing_and_top_k(backend, vocab, ties):
         assert proc[left_out].max() <= bound
     if vocab >= 5000 and not ties:
         assert exact == TOPK   # with a real vocabulary the whole list is exact
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q6_K", "Q4_K", "F16"])
+def test_a_weight_larger_than_one_binding_is_split_transparently(rig, qtype, monkeypatch):
+    n, k = (301, 256)
+    limit = packed_nbytes(qtype, n, k) // 3 - 100      # forces four parts of consecutive rows
+    monkeypatch.setattr(rig.be, "max_storage_binding", limit)
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    assert len(w.parts) == 4 and sum(r for _, r, _ in w.parts) == n
+    assert all(packed_nbytes(qtype, r, k) <= limit for _, r, _ in w.parts)
+    x = rig.rng.standard_normal((5, k))
+    out = rig.run(lambda g: g.linear(rig.tensor(x[0]), w), 1)
+    close(rig.read(out, n), wv @ x[0])
+    rig.step(0, 5)
+    out = rig.run(lambda g: g.linear(rig.tensor(x), w), 8)
+    close(rig.read(out, 5 * n).reshape(5, n), x @ wv.T)
+    tokens = [r for row0, rows, _ in w.parts for r in (row0, row0 + rows - 1)] + [12]   # both ends of each part
+    rig.step(0, len(tokens), tokens)
+    out = rig.run(lambda g: g.embed(w), len(tokens))
+    close(rig.read(out, len(tokens) * k).reshape(len(tokens), k), wv[tokens])

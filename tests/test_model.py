@@ -242,3 +242,34 @@ def test_kv_cache_is_sized_from_the_context_option(tiny_llama, backend):
     e = Engine.load(tiny_llama, backend, context_length=50)
     assert e.state.kv.context == 50
     assert e.state.kv.nbytes == 2 * 2 * 50 * 1 * 32 * 4   # k and v, 2 layers, 1 kv head of 32
+
+
+def test_a_small_binding_limit_splits_big_tensors_and_changes_no_logit(tiny_llama, backend, monkeypatch):
+    whole = Engine.load(tiny_llama, backend, context_length=64)
+    ids = whole.tokenizer.encode("the cat sat on the mat")
+    want = np.array(asyncio.run(whole.logits(ids)))
+    want_tokens = greedy(whole, ids, 8)
+    whole.close()
+    monkeypatch.setattr(backend, "max_storage_binding", 16384)   # a phone-sized limit, scaled to the model
+    split = Engine.load(tiny_llama, backend, context_length=64)
+    assert len(split.weights["token_embd.weight"].parts) == 2 and len(split.weights["output.weight"].parts) == 4
+    np.testing.assert_allclose(np.array(asyncio.run(split.logits(ids))), want, atol=1e-5)
+    assert greedy(split, ids, 8) == want_tokens
+    split.close()
+
+
+def test_the_memory_a_model_needs_is_stated_before_loading_and_a_limit_refuses_it(tiny_llama, backend):
+    from pyengine.errors import GPUError
+    from pyengine.gguf import read_gguf
+
+    g = read_gguf(tiny_llama)
+    unloaded = Engine(g, backend, context_length=64)               # nothing uploaded yet
+    plan = unloaded.memory_plan()
+    unloaded.close()
+    assert plan["weights"] > 0 and plan["kv_cache"] == 2 * 2 * 64 * 1 * 32 * 4
+    assert plan["total"] == plan["weights"] + plan["kv_cache"] + plan["working"] + plan["upload_staging"]
+    with pytest.raises(GPUError, match=r"this model needs \d+ MB of GPU memory .* but the limit is 0 MB"):
+        Engine(g, backend, context_length=64, gpu_memory_limit=100_000)
+    loaded = Engine.load(tiny_llama, backend, context_length=64)
+    assert loaded.memory["weights"] == sum(w.nbytes for w in loaded.weights.values())
+    loaded.close()
