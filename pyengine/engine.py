@@ -221,7 +221,7 @@ class Engine:
                 f"architecture '{arch}' is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
         self.arch = arch
         cls = ARCHITECTURES[arch]
-        self.args = cls.Args.from_gguf(gguf, arch)
+        self.args = cls.read_args(gguf, arch, context_length)
         self.tokenizer = Tokenizer.from_gguf(gguf)
         self._template_override = chat_template
         self._template = None
@@ -314,31 +314,38 @@ class Engine:
 
     def _check_tensors(self, cls):
         present = self.gguf.tensors
-        self._names = cls.weight_names(self.args, present)
-        for name in self._names:
-            info = present.get(name)
+        self._specs = cls.weight_specs(self.args, present)
+        for key, spec in self._specs.items():
+            info = present.get(spec.tensor)
             if info is None:
-                raise GGUFError(f"tensor '{name}' is missing from the GGUF")
+                raise GGUFError(f"tensor '{spec.tensor}' is missing from the GGUF")
             if info.type_name not in KERNEL_QTYPES:
                 raise UnsupportedModelError(
-                    f"tensor '{name}' has quant type {info.type_name}, which is not supported; "
+                    f"tensor '{spec.tensor}' has quant type {info.type_name}, which is not supported; "
                     f"supported: {', '.join(KERNEL_QTYPES)}")
             if len(info.shape) > 1 and info.shape[0] % BLOCK_VALUES[info.type_name]:
-                raise UnsupportedModelError(f"tensor '{name}' has rows of {info.shape[0]} values, not a "
+                raise UnsupportedModelError(f"tensor '{spec.tensor}' has rows of {info.shape[0]} values, not a "
                                             f"multiple of {BLOCK_VALUES[info.type_name]} as {info.type_name} needs")
+            rows = info.n_elements // info.shape[0]
+            if spec.row0 + (spec.rows or 0) > rows:
+                raise GGUFError(f"tensor '{spec.tensor}' has {rows} rows, fewer than the model's shape needs "
+                                f"({spec.row0 + spec.rows})")
 
     def _tensor_shapes(self):
-        for name in self._names:
-            info = self.gguf.tensors[name]
+        """(key, GGUF tensor info, first row, rows, cols) of every weight the model uses."""
+        for key, spec in self._specs.items():
+            info = self.gguf.tensors[spec.tensor]
             cols = info.shape[0]
-            yield info, info.n_elements // cols, cols
+            rows = spec.rows if spec.rows is not None else info.n_elements // cols - spec.row0
+            yield key, info, spec.row0, rows, cols
 
     def memory_plan(self) -> dict:
         """The GPU memory this model needs, in bytes, known before any weight is loaded."""
         a = self.args
-        weights = sum(packed_nbytes(i.type_name, r, c) for i, r, c in self._tensor_shapes())
+        weights = sum(packed_nbytes(i.type_name, r, c) for _, i, _, r, c in self._tensor_shapes())
         limit = self.backend.max_storage_binding
-        staging = max((staging_bytes(i.type_name, r, c, limit) for i, r, c in self._tensor_shapes()), default=0)
+        staging = max((staging_bytes(i.type_name, r, c, limit) for _, i, _, r, c in self._tensor_shapes()),
+                      default=0)
         kv = 2 * a.n_layers * self.context_length * a.n_kv_heads * a.head_dim * (2 if self.kv_f16 else 4)
         # activations of the largest prefill chunk: the widest tensors a layer keeps alive at once
         q_width = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim
@@ -360,15 +367,18 @@ class Engine:
     async def _upload(self, src) -> dict:
         """Every weight onto the GPU, in file order (a browser source then reads each shard once)."""
         be = self.backend
-        infos = sorted(self._tensor_shapes(), key=lambda t: t[0].offset)
-        raw_max = max((staging_bytes(i.type_name, r, c, be.max_storage_binding) for i, r, c in infos), default=0)
+        shapes = sorted(self._tensor_shapes(), key=lambda t: (t[1].offset, t[2]))
+        raw_max = max((staging_bytes(i.type_name, r, c, be.max_storage_binding) for _, i, _, r, c in shapes),
+                      default=0)
         self._staging = be.create_buffer(raw_max + 4, "upload staging") if raw_max else None
         weights = {}
         try:
-            for info, rows, cols in infos:
-                weights[info.name] = await upload_weight(
-                    be, self.kernels, info.name, info.type_name, rows, cols,
-                    lambda buf, off, n, info=info: src.write_tensor(be, buf, info, off, n), self._staging)
+            for key, info, row0, rows, cols in shapes:
+                start = row0 * (info.nbytes // (info.n_elements // cols))     # byte offset of the first row
+                weights[key] = await upload_weight(
+                    be, self.kernels, key, info.type_name, rows, cols,
+                    lambda buf, off, n, info=info, start=start: src.write_tensor(be, buf, info, start + off, n),
+                    self._staging)
         except BaseException:
             for w in weights.values():
                 for b in w.buffers:

@@ -123,76 +123,93 @@ class GraphBuilder:
                            {0: buf, 1: out.buffer, 2: self._step()}, -(-units // 64), f"embed {w.name}")
         return out
 
-    def rms_norm(self, x: Tensor, w: Weight, eps: float, last_row: bool = False) -> Tensor:
-        out = self._tensor(x.cols, 1 if last_row else x.rows)
-        params = self.k.variant("rmsnorm", last_row=last_row)
-        self._dispatch("rmsnorm", params, {"D": x.cols, "EPS": eps},
+    def rms_norm(self, x: Tensor, w: Weight, eps: float, last_row: bool = False, heads: int = 1,
+                 into: Tensor | None = None) -> Tensor:
+        """RMSNorm of each row, or of each of its `heads` equal segments (q/k norms per head).
+        last_row: only the step's last token, written to row 0. into: the result is added to that
+        tensor (a post-norm straight into the residual) and it is returned."""
+        d = x.cols // heads
+        out = into if into is not None else self._tensor(x.cols, 1 if last_row else x.rows)
+        params = self.k.variant("rmsnorm", last_row=last_row, epilogue="accumulate" if into is not None else "store")
+        self._dispatch("rmsnorm", params, {"D": d, "EPS": eps, "HEADS": heads},
                        {0: x.buffer, 1: w.buffer, 2: out.buffer, 3: self._step()},
-                       (1 if last_row else x.rows, 1, 1), f"rmsnorm {w.name}")
+                       (1 if last_row else x.rows * heads, 1, 1), f"rmsnorm {w.name}")
         return out
 
-    def linear(self, x: Tensor, w: Weight, accumulate: Tensor | None = None) -> Tensor:
-        """x W^T for every token; with `accumulate`, adds the product into that tensor (the residual)."""
+    def linear(self, x: Tensor, w: Weight, bias: Weight | None = None, accumulate: Tensor | None = None) -> Tensor:
+        """x W^T (+ bias) for every token; with `accumulate`, adds the product into that tensor (the residual)."""
         out = accumulate if accumulate is not None else self._tensor(w.rows, x.rows)
         epilogue = "accumulate" if accumulate is not None else "store"
         if x.rows == 1:
-            self._matvec(w, x, out.buffer, epilogue)
+            self._matvec(w, x, out.buffer, epilogue, bias=bias)
             return out
         k = w.cols
         t = self.k.matmul_tile(k)
         uniform = t > 0
         t = t or 8
-        params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, t=t, x_uniform=uniform)
+        params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, t=t, x_uniform=uniform,
+                                bias=bias is not None)
         for row0, rows, buf in w.parts:
             groups = -(-rows // params["wg"])
             for i in range(-(-x.rows // t)):
                 xb = Binding(x.buffer, i * t * k * F32, UNIFORM_BYTES) if uniform else Binding(x.buffer)
-                self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows},
-                               {0: buf, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)},
+                binds = {0: buf, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)}
+                if bias is not None:
+                    binds[5] = bias.buffer
+                self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}, binds,
                                groups, f"matmul {w.name}")
         return out
 
-    def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None):
+    def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
+                bias: Weight | None = None, act: str = "silu"):
         uniform = self.k.matvec_uniform(w.cols)
-        params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=uniform)
+        params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=uniform,
+                                bias=bias is not None, act=act)
         per_group = params["wg"] * params["rows"]
         for p, (row0, rows, buf) in enumerate(w.parts):
             binds = {0: buf, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out}
             if w2 is not None:
                 binds[3] = w2.parts[p][2]
+            elif bias is not None:
+                binds[3] = bias.buffer
             self._dispatch("matvec", params, {"N": rows, "K": w.cols, "ROW0": row0}, binds,
                            -(-rows // per_group), f"{epilogue} {w.name}")
 
-    def swiglu(self, x: Tensor, gate: Weight, up: Weight) -> Tensor:
-        """silu(x gate^T) * (x up^T)."""
-        if x.rows == 1 and gate.qtype == up.qtype and len(gate.parts) == len(up.parts) == 1:
+    def gated_mlp(self, x: Tensor, gate: Weight, up: Weight, act: str = "silu") -> Tensor:
+        """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""
+        if x.rows == 1 and gate.qtype == up.qtype and [r for r, _, _ in gate.parts] == [r for r, _, _ in up.parts]:
             out = self._tensor(gate.rows, 1)
-            self._matvec(gate, x, out.buffer, "swiglu", w2=up)
+            self._matvec(gate, x, out.buffer, "glu", w2=up, act=act)
             return out
         g = self.linear(x, gate)
         u = self.linear(x, up)
-        self._dispatch("elementwise", {"op": "silu_mul"}, {"D": g.cols},
-                       {0: g.buffer, 1: u.buffer, 2: self._step()}, -(-g.rows * g.cols // 64), "silu_mul")
+        self._dispatch("elementwise", {"op": "glu", "act": act}, {"D": g.cols},
+                       {0: g.buffer, 1: u.buffer, 2: self._step()}, -(-g.rows * g.cols // 64), f"{act} glu")
         return g
 
     def rope_kv(self, q: Tensor, k: Tensor, v: Tensor, layer: int, n_heads: int, n_kv_heads: int,
-                head_dim: int, n_rot: int, base: float, mode: str = "norm") -> None:
+                head_dim: int, n_rot: int, base: float, mode: str = "norm", freq_factors: Weight | None = None,
+                attn_factor: float = 1.0, pos_scale: float = 1.0) -> None:
         """Rotates q in place and writes rotated k and v into the layer's cache at the step's positions."""
         cache = self.s.kv
         work = q.rows * (n_heads + 2 * n_kv_heads) * head_dim // 2
-        self._dispatch("rope", {"rope_mode": mode, "kv_f16": cache.f16, "f16": cache.f16},
-                       {"NH": n_heads, "NKV": n_kv_heads, "HD": head_dim, "N_ROT": n_rot, "BASE": base},
-                       {0: q.buffer, 1: k.buffer, 2: v.buffer, 3: cache.k[layer], 4: cache.v[layer],
-                        5: self._step()}, -(-work // 64), f"rope_kv {layer}")
+        binds = {0: q.buffer, 1: k.buffer, 2: v.buffer, 3: cache.k[layer], 4: cache.v[layer], 5: self._step()}
+        if freq_factors is not None:
+            binds[6] = freq_factors.buffer
+        self._dispatch("rope", {"rope_mode": mode, "kv_f16": cache.f16, "f16": cache.f16,
+                                "freq_factors": freq_factors is not None},
+                       {"NH": n_heads, "NKV": n_kv_heads, "HD": head_dim, "N_ROT": n_rot, "BASE": base,
+                        "ATTN_FACTOR": attn_factor, "POS_SCALE": pos_scale}, binds, -(-work // 64), f"rope_kv {layer}")
 
     def attention(self, q: Tensor, layer: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                  scale: float | None = None) -> Tensor:
+                  scale: float | None = None, window: int = 0) -> Tensor:
+        """Causal attention over the layer's cache; with `window`, each query sees its last `window` keys."""
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
         params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
         groups = -(-q.rows * n_heads // params["wg"])
         self._dispatch("attention", params,
-                       {"NH": n_heads, "NKV": n_kv_heads,
+                       {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                         "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)},
                        {0: q.buffer, 1: cache.k[layer], 2: cache.v[layer], 3: out.buffer, 4: self._step()},
                        groups, f"attention {layer}")

@@ -57,6 +57,17 @@ async ({ prompt, raw, request, model, contextLength, system }) => {
 """
 
 
+RESOLVE_JS = """async ({ index, model }) => {
+  // a model of the built site by name (or its default), else a manifest URL as given
+  const r = await fetch(index);
+  const idx = r.ok ? await r.json() : {};
+  const rel = model ? (idx.models || {})[model] : idx.default;
+  if (rel) return new URL(rel, index).href;
+  if (!model) throw new Error("the built site lists no default model (models/index.json)");
+  return new URL(model, location.href).href;
+}"""
+
+
 async def browser_generate(prompt: str, request: dict, on_piece, raw: bool = False, dist: str | None = None,
                            model: str | None = None, context: int | None = None, system: str | None = None):
     """Streams one answer from the real page and worker; returns the usage object."""
@@ -75,10 +86,7 @@ async def browser_generate(prompt: str, request: dict, on_piece, raw: bool = Fal
                 page = await browser.new_page()
                 await page.expose_function("pyenginePiece", on_piece)
                 await page.goto(url + "headless.html")
-                manifest = model or (url + "models/index.json")
-                if manifest.endswith("index.json"):
-                    manifest = await page.evaluate(
-                        "async (u) => new URL((await (await fetch(u)).json()).default, u).href", manifest)
+                manifest = await page.evaluate(RESOLVE_JS, {"index": url + "models/index.json", "model": model})
                 return await page.evaluate(GENERATE_JS, {"prompt": prompt, "raw": raw, "request": request,
                                                          "model": manifest, "contextLength": context,
                                                          "system": system})

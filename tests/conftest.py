@@ -38,6 +38,14 @@ def model_path():
 
 
 @pytest.fixture(scope="session")
+def gemma_path():
+    """Gemma 3 270M Q4_K_M (a base model: Q4_K, Q6_K, Q5_0, Q8_0 and F32 tensors, SentencePiece vocabulary)."""
+    from pyengine.default_model import packaged_model_path
+
+    return packaged_model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def engine(model_path, backend):
     from pyengine.engine import Engine
 

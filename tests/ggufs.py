@@ -87,18 +87,33 @@ LLAMA_QTYPES = {
     "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "ffn_down": "Q8_0",
 }
 
+# per architecture: the tensors of a layer beyond Llama's, and how its fused ones are laid out
+ARCH_EXTRAS = {
+    "llama": dict(),
+    "qwen2": dict(biases=True, neox=True),
+    "qwen3": dict(qk_norm=True, neox=True),
+    "gemma3": dict(qk_norm=True, post_norms=True, neox=True),
+    "phi3": dict(fused=True, neox=True, rope_factors=True),
+}
+
 
 def write_tiny_llama(path, *, dim=96, n_heads=3, n_kv_heads=1, ffn=160, layers=2, vocab=300,
                      context=256, rope_base=10000.0, qtypes=None, tied=False, seed=0,
-                     arch="llama", chat_template: str | None = CHATML):
-    """A Llama-graph GGUF with random weights and awkward sizes (nothing a multiple of 64)."""
+                     arch="llama", chat_template: str | None = CHATML, head_dim=None, sliding_window=8,
+                     swa_pattern=2, rope_freqs=False):
+    """A GGUF of `arch` with random weights, the real tensor names and layouts, and awkward sizes
+    (nothing a multiple of 64 unless K-quants need 256)."""
     qt = dict(LLAMA_QTYPES)
     qt.update(qtypes or {})
+    x = ARCH_EXTRAS[arch]
     rng = np.random.default_rng(seed)
-    head_dim = dim // n_heads
+    head_dim = head_dim or dim // n_heads
 
     def mat(rows, cols, scale=None):
         return (rng.standard_normal((rows, cols)) * (scale or 1.0 / np.sqrt(cols))).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
     w = GGUFWriter(str(path), arch)
     w.add_uint32(f"{arch}.block_count", layers)
@@ -110,23 +125,54 @@ def write_tiny_llama(path, *, dim=96, n_heads=3, n_kv_heads=1, ffn=160, layers=2
     w.add_float32(f"{arch}.rope.freq_base", rope_base)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_uint32(f"{arch}.rope.dimension_count", head_dim)
+    w.add_uint32(f"{arch}.attention.key_length", head_dim)
+    w.add_uint32(f"{arch}.attention.value_length", head_dim)
     w.add_uint32(f"{arch}.vocab_size", vocab)
+    if arch == "gemma3":
+        w.add_uint32(f"{arch}.attention.sliding_window", sliding_window)
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", swa_pattern)
+    if x.get("rope_factors"):
+        w.add_uint32(f"{arch}.rope.scaling.original_context_length", context // 2)
+        w.add_float32(f"{arch}.rope.scaling.attn_factor", 1.1)
     add_tokenizer(w, vocab, chat_template)
-    add_matrix(w, "token_embd.weight", mat(vocab, dim, 1.0), qt["token_embd"])
-    w.add_tensor("output_norm.weight", (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
+
+    def matrix(name, rows, cols, kind):
+        add_matrix(w, name, mat(rows, cols, 1.0 if kind == "token_embd" else None), qt[kind], rng)
+
+    matrix("token_embd.weight", vocab, dim, "token_embd")
+    w.add_tensor("output_norm.weight", norm(dim))
     if not tied:
-        add_matrix(w, "output.weight", mat(vocab, dim), qt["output"])
+        matrix("output.weight", vocab, dim, "output")
+    if rope_freqs:       # Llama 3's frequency factors
+        w.add_tensor("rope_freqs.weight", rng.uniform(1.0, 8.0, head_dim // 2).astype(np.float32))
+    if x.get("rope_factors"):
+        w.add_tensor("rope_factors_short.weight", rng.uniform(1.0, 3.0, head_dim // 2).astype(np.float32))
+        w.add_tensor("rope_factors_long.weight", rng.uniform(2.0, 9.0, head_dim // 2).astype(np.float32))
+    q, kv = n_heads * head_dim, n_kv_heads * head_dim
     for i in range(layers):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
-        w.add_tensor(p + "ffn_norm.weight", (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
-        add_matrix(w, p + "attn_q.weight", mat(n_heads * head_dim, dim), qt["attn_q"])
-        add_matrix(w, p + "attn_k.weight", mat(n_kv_heads * head_dim, dim), qt["attn_k"])
-        add_matrix(w, p + "attn_v.weight", mat(n_kv_heads * head_dim, dim), qt["attn_v"])
-        add_matrix(w, p + "attn_output.weight", mat(dim, n_heads * head_dim), qt["attn_output"])
-        add_matrix(w, p + "ffn_gate.weight", mat(ffn, dim), qt["ffn_gate"])
-        add_matrix(w, p + "ffn_up.weight", mat(ffn, dim), qt["ffn_up"])
-        add_matrix(w, p + "ffn_down.weight", mat(dim, ffn), qt["ffn_down"])
+        w.add_tensor(p + "attn_norm.weight", norm(dim))
+        w.add_tensor(p + "ffn_norm.weight", norm(dim))
+        if x.get("fused"):
+            matrix(p + "attn_qkv.weight", q + 2 * kv, dim, "attn_q")
+            matrix(p + "ffn_up.weight", 2 * ffn, dim, "ffn_up")
+        else:
+            matrix(p + "attn_q.weight", q, dim, "attn_q")
+            matrix(p + "attn_k.weight", kv, dim, "attn_k")
+            matrix(p + "attn_v.weight", kv, dim, "attn_v")
+            matrix(p + "ffn_gate.weight", ffn, dim, "ffn_gate")
+            matrix(p + "ffn_up.weight", ffn, dim, "ffn_up")
+        matrix(p + "attn_output.weight", dim, q, "attn_output")
+        matrix(p + "ffn_down.weight", dim, ffn, "ffn_down")
+        if x.get("biases"):
+            for n, rows in (("attn_q.bias", q), ("attn_k.bias", kv), ("attn_v.bias", kv)):
+                w.add_tensor(p + n, (0.5 * rng.standard_normal(rows)).astype(np.float32))
+        if x.get("qk_norm"):
+            w.add_tensor(p + "attn_q_norm.weight", norm(head_dim))
+            w.add_tensor(p + "attn_k_norm.weight", norm(head_dim))
+        if x.get("post_norms"):
+            w.add_tensor(p + "post_attention_norm.weight", norm(dim))
+            w.add_tensor(p + "post_ffw_norm.weight", norm(dim))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,7 +1,14 @@
 """The numpy reference: a plain fp32 forward pass over dequantized weights, in the style of llama2.c.
 
 This is the oracle a kernel is checked against when it disagrees. It shares no code
-with the engine: weights come from the `gguf` package's reader and dequantizer.
+with the engine: weights come from the `gguf` package's reader and dequantizer, and each
+architecture's differences are spelled out where they happen in `forward`.
+  llama  (SmolLM2, TinyLlama, Llama 2/3)  RoPE on adjacent pairs; Llama 3's rope_freqs
+  qwen2  biases on q, k, v; RoPE on halves
+  qwen3  RMSNorm on q and k per head; RoPE on halves
+  gemma3 embeddings times sqrt(dim); q/k norms; norms after attention and MLP too; GELU gate;
+         sliding-window layers (local RoPE base 10000) with every sixth layer global
+  phi3   q, k, v in one tensor, gate and up in one; RoPE frequency factors and attention factor
 """
 
 from __future__ import annotations
@@ -15,22 +22,27 @@ from gguf.quants import dequantize
 
 @dataclass
 class Config:
+    arch: str
     n_layers: int
     dim: int
+    ffn: int
     n_heads: int
     n_kv_heads: int
     head_dim: int
     eps: float
     rope_base: float
     n_rot: int
+    neox: bool = False
+    window: int = 0
+    swa_pattern: int = 6
+    attn_factor: float = 1.0
 
 
 def _field(reader, key, default=None):
     f = reader.fields.get(key)
     if f is None:
         return default
-    v = f.contents()
-    return v
+    return f.contents()
 
 
 def load_weights(path):
@@ -41,40 +53,61 @@ def load_weights(path):
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
         shape = [int(d) for d in reversed(t.shape)]   # numpy order: rows first
         weights[t.name] = w.reshape(shape)
-    dim = _field(reader, f"{arch}.embedding_length")
-    n_heads = _field(reader, f"{arch}.attention.head_count")
-    head_dim = _field(reader, f"{arch}.attention.key_length") or dim // n_heads
+
+    def key(k, default=None):
+        return _field(reader, f"{arch}.{k}", default)
+
+    dim, n_heads = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length") or dim // n_heads
     cfg = Config(
-        n_layers=_field(reader, f"{arch}.block_count"),
+        arch=arch,
+        n_layers=key("block_count"),
         dim=dim,
+        ffn=key("feed_forward_length"),
         n_heads=n_heads,
-        n_kv_heads=_field(reader, f"{arch}.attention.head_count_kv") or n_heads,
+        n_kv_heads=key("attention.head_count_kv") or n_heads,
         head_dim=head_dim,
-        eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_base=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        n_rot=_field(reader, f"{arch}.rope.dimension_count") or head_dim,
+        eps=float(key("attention.layer_norm_rms_epsilon", 1e-6 if arch == "gemma3" else 1e-5)),
+        rope_base=float(key("rope.freq_base", 10000.0)),
+        n_rot=key("rope.dimension_count") or head_dim,
+        neox=arch in ("qwen2", "qwen3", "gemma3", "phi3"),
+        window=key("attention.sliding_window", 0) if arch == "gemma3" else 0,
+        swa_pattern=key("attention.sliding_window_pattern", 6),
+        attn_factor=float(key("rope.scaling.attn_factor", 1.0)) if "rope_factors_long.weight" in weights else 1.0,
     )
     return cfg, weights
 
 
 def rmsnorm(x, w, eps):
+    """Over the last axis: a vector, or each row of [heads, head_dim]."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x, pos, base, n_rot):
-    """Rotates pairs (2i, 2i+1) of the first n_rot dims of x [heads, head_dim] at position pos."""
+def rope(x, pos, base, n_rot, neox=False, factors=None, attn_factor=1.0):
+    """Rotates x [heads, head_dim] at position pos: pairs (2i, 2i+1) of the first n_rot dims, or with
+    neox pairs (i, i + n_rot/2); frequencies divided by `factors`, cos and sin times attn_factor."""
     x = x.copy()
     i = np.arange(n_rot // 2)
     theta = pos * base ** (-2.0 * i / n_rot)
-    c, s = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
-    a, b = x[:, 0:n_rot:2].copy(), x[:, 1:n_rot:2].copy()
-    x[:, 0:n_rot:2] = a * c - b * s
-    x[:, 1:n_rot:2] = a * s + b * c
+    if factors is not None:
+        theta = theta / factors
+    c = (np.cos(theta) * attn_factor).astype(np.float32)
+    s = (np.sin(theta) * attn_factor).astype(np.float32)
+    if neox:
+        a, b = x[:, : n_rot // 2].copy(), x[:, n_rot // 2: n_rot].copy()
+        x[:, : n_rot // 2], x[:, n_rot // 2: n_rot] = a * c - b * s, a * s + b * c
+    else:
+        a, b = x[:, 0:n_rot:2].copy(), x[:, 1:n_rot:2].copy()
+        x[:, 0:n_rot:2], x[:, 1:n_rot:2] = a * c - b * s, a * s + b * c
     return x
 
 
 def silu(x):
     return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
 class Reference:
@@ -88,39 +121,65 @@ class Reference:
         self.k_cache = [np.zeros((0, c.n_kv_heads, c.head_dim), np.float32) for _ in range(c.n_layers)]
         self.v_cache = [np.zeros((0, c.n_kv_heads, c.head_dim), np.float32) for _ in range(c.n_layers)]
 
-    def forward(self, token: int) -> np.ndarray:
-        """One token at the next position; returns the logits."""
+    def forward(self, token: int, logits: bool = True):
+        """One token at the next position; returns the logits (or None when not asked for)."""
         c, w = self.cfg, self.w
         pos = self.k_cache[0].shape[0]
+        gemma, phi3 = c.arch == "gemma3", c.arch == "phi3"
         x = w["token_embd.weight"][token].copy()
+        if gemma:
+            x = x * np.float32(np.sqrt(c.dim))
         group = c.n_heads // c.n_kv_heads
+        nq, nkv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         for layer in range(c.n_layers):
             p = f"blk.{layer}."
             h = rmsnorm(x, w[p + "attn_norm.weight"], c.eps)
-            q = (w[p + "attn_q.weight"] @ h).reshape(c.n_heads, c.head_dim)
-            k = (w[p + "attn_k.weight"] @ h).reshape(c.n_kv_heads, c.head_dim)
-            v = (w[p + "attn_v.weight"] @ h).reshape(c.n_kv_heads, c.head_dim)
-            q = rope(q, pos, c.rope_base, c.n_rot)
-            k = rope(k, pos, c.rope_base, c.n_rot)
+            if phi3:
+                qkv = w[p + "attn_qkv.weight"] @ h
+                q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
+            else:
+                q, k, v = (w[p + f"attn_{n}.weight"] @ h for n in "qkv")
+            if c.arch == "qwen2":
+                q, k, v = q + w[p + "attn_q.bias"], k + w[p + "attn_k.bias"], v + w[p + "attn_v.bias"]
+            q, k, v = q.reshape(c.n_heads, c.head_dim), k.reshape(c.n_kv_heads, c.head_dim), \
+                v.reshape(c.n_kv_heads, c.head_dim)
+            if c.arch in ("qwen3", "gemma3"):
+                q = rmsnorm(q, w[p + "attn_q_norm.weight"], c.eps)
+                k = rmsnorm(k, w[p + "attn_k_norm.weight"], c.eps)
+            local = gemma and c.window > 0 and layer % c.swa_pattern < c.swa_pattern - 1
+            base = 10000.0 if local else c.rope_base
+            factors = w.get("rope_factors_short.weight") if phi3 else w.get("rope_freqs.weight")
+            q = rope(q, pos, base, c.n_rot, c.neox, factors, c.attn_factor)
+            k = rope(k, pos, base, c.n_rot, c.neox, factors, c.attn_factor)
             self.k_cache[layer] = np.concatenate([self.k_cache[layer], k[None]])
             self.v_cache[layer] = np.concatenate([self.v_cache[layer], v[None]])
+            first = max(0, pos + 1 - c.window) if local else 0    # a sliding window sees its last keys only
             att = np.zeros((c.n_heads, c.head_dim), np.float32)
             for hd in range(c.n_heads):
-                keys = self.k_cache[layer][:, hd // group]          # [pos + 1, head_dim]
-                vals = self.v_cache[layer][:, hd // group]
+                keys = self.k_cache[layer][first:, hd // group]          # [keys, head_dim]
+                vals = self.v_cache[layer][first:, hd // group]
                 scores = keys @ q[hd] / np.sqrt(c.head_dim)
                 scores = np.exp(scores - scores.max())
                 att[hd] = (scores / scores.sum()) @ vals
-            x = x + w[p + "attn_output.weight"] @ att.reshape(-1)
+            o = w[p + "attn_output.weight"] @ att.reshape(-1)
+            x = x + (rmsnorm(o, w[p + "post_attention_norm.weight"], c.eps) if gemma else o)
             h = rmsnorm(x, w[p + "ffn_norm.weight"], c.eps)
-            x = x + w[p + "ffn_down.weight"] @ (silu(w[p + "ffn_gate.weight"] @ h) * (w[p + "ffn_up.weight"] @ h))
+            if phi3:
+                gu = w[p + "ffn_up.weight"] @ h
+                gate, up = gu[:c.ffn], gu[c.ffn:]
+            else:
+                gate, up = w[p + "ffn_gate.weight"] @ h, w[p + "ffn_up.weight"] @ h
+            m = w[p + "ffn_down.weight"] @ ((gelu_tanh(gate) if gemma else silu(gate)) * up)
+            x = x + (rmsnorm(m, w[p + "post_ffw_norm.weight"], c.eps) if gemma else m)
+        if not logits:
+            return None
         x = rmsnorm(x, w["output_norm.weight"], c.eps)
         return self.out @ x
 
     def greedy(self, prompt: list[int], n: int, stop_ids=()) -> list[int]:
         self.reset()
-        for t in prompt:
-            logits = self.forward(t)
+        for i, t in enumerate(prompt):
+            logits = self.forward(t, logits=i == len(prompt) - 1)
         out = []
         for _ in range(n):
             t = int(np.argmax(logits))

@@ -119,17 +119,49 @@ def test_matvec_accumulates_into_the_residual(rig, qtype):
     close(rig.read(res, n), h + wv @ x)
 
 
+def gelu_tanh(a):
+    return 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("m", [1, 2, 13])
-def test_swiglu(rig, qtype, m):
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_gated_mlp(rig, qtype, m, act):
     n, k = shapes_for(qtype)[3]
     g_w, gv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
     u_w, uv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
     x = rig.rng.standard_normal((m, k))
     rig.step(0, m)
-    out = rig.run(lambda g: g.swiglu(rig.tensor(x), g_w, u_w), m)
+    out = rig.run(lambda g: g.gated_mlp(rig.tensor(x), g_w, u_w, act), m)
     a, b = x @ gv.T, x @ uv.T
-    close(rig.read(out, m * n).reshape(m, n), a / (1 + np.exp(-a)) * b)
+    gate = a / (1 + np.exp(-a)) if act == "silu" else gelu_tanh(a)
+    close(rig.read(out, m * n).reshape(m, n), gate * b, rtol=5e-5)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F32"])
+@pytest.mark.parametrize("m", [1, 13])
+def test_linear_with_bias(rig, qtype, m):
+    n, k = shapes_for(qtype)[1]
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    b = rig.rng.standard_normal(n)
+    x = rig.rng.standard_normal((m, k))
+    rig.step(0, m)
+    out = rig.run(lambda g: g.linear(rig.tensor(x), w, bias=rig.vector(b)), max(m, 2) if m > 1 else 1)
+    close(rig.read(out, m * n).reshape(m, n), x @ wv.T + b)
+
+
+def test_rmsnorm_per_head_and_into_the_residual(rig):
+    m, heads, d = 5, 3, 40
+    x, wt, res = rig.rng.standard_normal((m, heads * d)) * 2, rig.rng.standard_normal(d), rig.rng.standard_normal((m, heads * d))
+    xh = x.reshape(m, heads, d)
+    expect = (xh / np.sqrt((xh * xh).mean(-1, keepdims=True) + 1e-6) * wt).reshape(m, heads * d)
+    rig.step(0, m)
+    out = rig.run(lambda g: g.rms_norm(rig.tensor(x), rig.vector(wt), 1e-6, heads=heads), 8)
+    close(rig.read(out, m * heads * d).reshape(m, -1), expect)
+    r = rig.tensor(res)
+    w2 = rig.rng.standard_normal(heads * d)
+    rig.run(lambda g: g.rms_norm(rig.tensor(x), rig.vector(w2), 1e-6, into=r), 8)
+    close(rig.read(r, m * heads * d).reshape(m, -1), res + x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w2)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -189,12 +221,14 @@ def test_rmsnorm(rig, dim):
     close(rig.read(last, dim), expect[-1])
 
 
-def rope_np(x, pos, base, n_rot, mode):
+def rope_np(x, pos, base, n_rot, mode, factors=None, attn_factor=1.0):
     """x [heads, head_dim] rotated at position pos."""
     x = x.copy()
     half = n_rot // 2
     theta = pos * base ** (-2.0 * np.arange(half) / n_rot)
-    c, s = np.cos(theta), np.sin(theta)
+    if factors is not None:
+        theta = theta / factors
+    c, s = np.cos(theta) * attn_factor, np.sin(theta) * attn_factor
     if mode == "norm":
         a, b = x[:, 0:n_rot:2].copy(), x[:, 1:n_rot:2].copy()
         x[:, 0:n_rot:2], x[:, 1:n_rot:2] = a * c - b * s, a * s + b * c
@@ -204,8 +238,10 @@ def rope_np(x, pos, base, n_rot, mode):
     return x
 
 
-def attention_np(q, keys, vals, group):
-    """q [heads, d], keys/vals [L, kv_heads, d]."""
+def attention_np(q, keys, vals, group, window=0):
+    """q [heads, d], keys/vals [L, kv_heads, d]; with a window, only the last `window` keys."""
+    if window:
+        keys, vals = keys[-window:], vals[-window:]
     out = np.zeros_like(q)
     for h in range(q.shape[0]):
         s = keys[:, h // group] @ q[h] / np.sqrt(q.shape[1])
@@ -215,8 +251,10 @@ def attention_np(q, keys, vals, group):
 
 
 @pytest.mark.parametrize("kv_f16", [False, True])
-@pytest.mark.parametrize("mode,n_rot", [("norm", 32), ("neox", 32), ("neox", 16)])
-def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot):
+@pytest.mark.parametrize("mode,n_rot,window,factors", [("norm", 32, 0, False), ("neox", 32, 0, False),
+                                                        ("neox", 16, 0, False), ("neox", 32, 24, True),
+                                                        ("norm", 32, 50, True)])
+def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors):
     if kv_f16 and "shader-f16" not in backend.features:
         pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
     nh, nkv, hd, base = 6, 2, 32, 10000.0
@@ -225,6 +263,8 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot):
     keys = np.zeros((0, nkv, hd))
     vals = np.zeros((0, nkv, hd))
     tol = 2e-3 if kv_f16 else 2e-5
+    ff = rng.uniform(1.0, 8.0, n_rot // 2) if factors else None
+    attn_factor = 1.2 if factors else 1.0
     # a prefill of 70 tokens (past one key chunk), another of 9, then decode steps far along
     for pos0, n, m_cap in [(0, 70, 128), (70, 9, 16), (79, 1, 1), (80, 1, 1)]:
         q, k, v = (rng.standard_normal((n, h * hd)) for h in (nh, nkv, nkv))
@@ -233,18 +273,19 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot):
             rig.tensor(np.resize(v, (m_cap, nkv * hd)))
 
         def build(g):
-            g.rope_kv(qt, kt, vt, 0, nh, nkv, hd, n_rot, base, mode)
-            return g.attention(qt, 0, nh, nkv, hd)
+            g.rope_kv(qt, kt, vt, 0, nh, nkv, hd, n_rot, base, mode,
+                      freq_factors=rig.vector(ff) if factors else None, attn_factor=attn_factor)
+            return g.attention(qt, 0, nh, nkv, hd, window=window)
 
         out = rig.run(build, m_cap)
         got = rig.read(out, n * nh * hd).reshape(n, nh, hd)
         for i in range(n):
             pos = pos0 + i
-            kr = rope_np(k[i].reshape(nkv, hd), pos, base, n_rot, mode)
+            kr = rope_np(k[i].reshape(nkv, hd), pos, base, n_rot, mode, ff, attn_factor)
             keys = np.concatenate([keys, kr[None]])
             vals = np.concatenate([vals, v[i].reshape(nkv, hd)[None]])
-            qr = rope_np(q[i].reshape(nh, hd), pos, base, n_rot, mode)
-            close(got[i], attention_np(qr, keys, vals, nh // nkv), rtol=tol)
+            qr = rope_np(q[i].reshape(nh, hd), pos, base, n_rot, mode, ff, attn_factor)
+            close(got[i], attention_np(qr, keys, vals, nh // nkv, window), rtol=tol)
         cache_dtype = np.float16 if kv_f16 else np.float32
         kc = rig.read(rig.state.kv.k[0], (pos0 + n) * nkv * hd, cache_dtype).reshape(-1, nkv, hd)
         close(kc, keys, rtol=tol)

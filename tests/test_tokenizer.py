@@ -127,3 +127,74 @@ def test_unsupported_tokenizer_is_named(tiny_llama):
     g.metadata["tokenizer.ggml.pre"] = "mystery"
     with pytest.raises(UnsupportedModelError, match="pre-tokenizer 'mystery'"):
         Tokenizer.from_gguf(g)
+
+
+# -- SentencePiece vocabularies (tokenizer.ggml.model = llama): Gemma 3 ------------------------------
+
+@pytest.fixture(scope="module")
+def gemma_tok(gemma_path):
+    return Tokenizer.from_gguf(read_gguf(gemma_path))
+
+
+@pytest.fixture(scope="module")
+def gemma_hf(gemma_path):
+    """An independent SentencePiece-BPE: HF `tokenizers` BPE whose merges are the vocabulary's pieces
+    ordered by score (the standard conversion), byte fallback, spaces as U+2581, and the user-defined
+    and control tokens as added tokens. It agrees with llama.cpp on this corpus."""
+    from tokenizers import normalizers
+
+    g = read_gguf(gemma_path)
+    tokens, scores = g.get("tokenizer.ggml.tokens"), g.get("tokenizer.ggml.scores")
+    types = g.get("tokenizer.ggml.token_type")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, pid in vocab.items():
+        if types[pid] == 1:
+            for k in range(1, len(piece)):
+                left, right = piece[:k], piece[k:]
+                if left in vocab and right in vocab:
+                    merges.append((-scores[pid], vocab[left], vocab[right], left, right))
+    merges.sort()
+    t = HFTokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], byte_fallback=True,
+                               unk_token="<unk>", fuse_unk=True))
+    t.normalizer = normalizers.Replace(" ", "\u2581")
+    t.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i, ty in enumerate(types) if ty == 4])
+    t.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True)
+                          for i, ty in enumerate(types) if ty == TOKEN_CONTROL])
+    return t
+
+
+GEMMA_EXTRA = ["<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n", "a    b\t\t\tc\n\n\nd",
+               "<table><tr><td>x</td></tr></table>", "\u2581already escaped", "x" * 1000 + " y"]
+
+
+@pytest.mark.parametrize("text", HARD_STRINGS + GEMMA_EXTRA,
+                         ids=[f"s{i}" for i in range(len(HARD_STRINGS) + len(GEMMA_EXTRA))])
+def test_sentencepiece_hard_strings_match_reference(gemma_tok, gemma_hf, text):
+    assert gemma_tok.encode(text, add_bos=False) == gemma_hf.encode(text, add_special_tokens=False).ids
+
+
+GEMMA_ALPHABET = st.one_of(ALPHABET, st.sampled_from(["<start_of_turn>", "<eos>", "<td>", "\n\n", "   ", "\t\t",
+                                                      "\u2581", "<0x41>"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(GEMMA_ALPHABET, max_size=30).map("".join))
+def test_sentencepiece_fuzzed_strings_match_reference(gemma_tok, gemma_hf, text):
+    assert gemma_tok.encode(text, add_bos=False) == gemma_hf.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=40))
+def test_sentencepiece_arbitrary_unicode_matches_reference(gemma_tok, gemma_hf, text):
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    assert gemma_tok.encode(text, add_bos=False) == gemma_hf.encode(text, add_special_tokens=False).ids
+
+
+def test_sentencepiece_decodes_bytes_and_spaces_and_adds_bos(gemma_tok):
+    text = "Hello  world 😀 \x07 ünï"
+    ids = gemma_tok.encode(text)
+    assert ids[0] == gemma_tok.bos_id and gemma_tok.decode(ids[1:]) == text
+    assert gemma_tok.encode("<start_of_turn>", add_bos=False, parse_special=False) != \
+        gemma_tok.encode("<start_of_turn>", add_bos=False)          # control tokens only when asked for
+    assert gemma_tok.encode("<table>", add_bos=False, parse_special=False) == [gemma_tok.vocab["<table>"]]

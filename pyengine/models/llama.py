@@ -1,78 +1,50 @@
-"""Llama (SmolLM2, TinyLlama, Llama 2 and 3 style GGUFs): the graph, read off the model."""
+"""The Llama family: the graph, read off the model.
+
+Llama 2 and 3 (with Llama 3's RoPE frequency factors), SmolLM2, TinyLlama; Qwen2 and Qwen3
+(qwen2.py, qwen3.py) are this graph with biases on q, k and v, or RMSNorms on q and k per head.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .base import ModelArgs, WeightSpec, head_specs, layer_specs
 
-
-@dataclass
-class LlamaArgs:
-    n_layers: int
-    dim: int
-    ffn_dim: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    norm_eps: float
-    rope_base: float
-    rope_dims: int
-    context_length: int
-
-    @classmethod
-    def from_gguf(cls, g, arch: str = "llama") -> "LlamaArgs":
-        def key(name, default=None):
-            v = g.get(f"{arch}.{name}", default)
-            if v is None:
-                from ..errors import GGUFError
-                raise GGUFError(f"GGUF metadata key '{arch}.{name}' is missing")
-            return v
-
-        dim = key("embedding_length")
-        n_heads = key("attention.head_count")
-        head_dim = g.get(f"{arch}.attention.key_length") or dim // n_heads
-        vocab = g.get(f"{arch}.vocab_size") or len(g.get("tokenizer.ggml.tokens") or []) or \
-            g.tensors["token_embd.weight"].shape[1]
-        return cls(
-            n_layers=key("block_count"),
-            dim=dim,
-            ffn_dim=key("feed_forward_length"),
-            n_heads=n_heads,
-            n_kv_heads=g.get(f"{arch}.attention.head_count_kv") or n_heads,
-            head_dim=head_dim,
-            vocab_size=vocab,
-            norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_base=key("rope.freq_base", 10000.0),
-            rope_dims=g.get(f"{arch}.rope.dimension_count") or head_dim,
-            context_length=key("context_length", 2048),
-        )
+LAYER = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+         "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 
 
 class Attention:
-    def __init__(self, args: LlamaArgs, w, i: int):
+    def __init__(self, args: ModelArgs, w, i: int):
         self.args, self.layer = args, i
-        self.wq, self.wk = w[f"blk.{i}.attn_q.weight"], w[f"blk.{i}.attn_k.weight"]
-        self.wv, self.wo = w[f"blk.{i}.attn_v.weight"], w[f"blk.{i}.attn_output.weight"]
+        p = f"blk.{i}."
+        self.wq, self.wk, self.wv = w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"]
+        self.wo = w[p + "attn_output.weight"]
+        self.bq, self.bk, self.bv = (w.get(p + n) for n in ("attn_q.bias", "attn_k.bias", "attn_v.bias"))
+        self.q_norm, self.k_norm = w.get(p + "attn_q_norm.weight"), w.get(p + "attn_k_norm.weight")
+        self.freqs = w.get("rope_freqs.weight")
 
     def __call__(self, g, x, residual):
         a = self.args
-        q, k, v = g.linear(x, self.wq), g.linear(x, self.wk), g.linear(x, self.wv)
-        g.rope_kv(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims, a.rope_base)
+        q, k, v = g.linear(x, self.wq, self.bq), g.linear(x, self.wk, self.bk), g.linear(x, self.wv, self.bv)
+        if self.q_norm is not None:
+            q = g.rms_norm(q, self.q_norm, a.norm_eps, heads=a.n_heads)
+            k = g.rms_norm(k, self.k_norm, a.norm_eps, heads=a.n_kv_heads)
+        g.rope_kv(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims, a.rope_base,
+                  a.rope_mode, freq_factors=self.freqs, pos_scale=a.rope_scale)
         out = g.attention(q, self.layer, a.n_heads, a.n_kv_heads, a.head_dim)
         g.linear(out, self.wo, accumulate=residual)
 
 
 class MLP:
     def __init__(self, w, i: int):
-        self.gate, self.up = w[f"blk.{i}.ffn_gate.weight"], w[f"blk.{i}.ffn_up.weight"]
-        self.down = w[f"blk.{i}.ffn_down.weight"]
+        p = f"blk.{i}."
+        self.gate, self.up, self.down = w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"]
 
     def __call__(self, g, x, residual):
-        g.linear(g.swiglu(x, self.gate, self.up), self.down, accumulate=residual)
+        g.linear(g.gated_mlp(x, self.gate, self.up), self.down, accumulate=residual)
 
 
 class Block:
-    def __init__(self, args: LlamaArgs, w, i: int):
+    def __init__(self, args: ModelArgs, w, i: int):
         self.eps = args.norm_eps
         self.attn_norm, self.ffn_norm = w[f"blk.{i}.attn_norm.weight"], w[f"blk.{i}.ffn_norm.weight"]
         self.attn, self.mlp = Attention(args, w, i), MLP(w, i)
@@ -86,9 +58,10 @@ class Block:
 class Llama:
     """token embedding -> N x Block -> RMSNorm -> output head (tied to the embedding if absent)."""
 
-    Args = LlamaArgs
+    rope_mode = "norm"
+    optional = ()          # per-layer tensors used when the file has them
 
-    def __init__(self, args: LlamaArgs, w):
+    def __init__(self, args: ModelArgs, w):
         self.args = args
         self.tok_embd = w["token_embd.weight"]
         self.layers = [Block(args, w, i) for i in range(args.n_layers)]
@@ -101,13 +74,14 @@ class Llama:
             h = layer(g, h)
         g.logits(g.rms_norm(h, self.norm, self.args.norm_eps, last_row=True), self.output)
 
-    @staticmethod
-    def weight_names(args: LlamaArgs, present) -> list[str]:
-        names = ["token_embd.weight", "output_norm.weight"]
-        if "output.weight" in present:
-            names.append("output.weight")
-        for i in range(args.n_layers):
-            names += [f"blk.{i}.{n}.weight" for n in (
-                "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
-        return names
+    @classmethod
+    def read_args(cls, gguf, arch: str, context: int | None = None) -> ModelArgs:
+        return ModelArgs.read(gguf, arch, rope_mode=cls.rope_mode)
+
+    @classmethod
+    def weight_specs(cls, args: ModelArgs, present) -> dict:
+        specs = head_specs(present)
+        if "rope_freqs.weight" in present:
+            specs["rope_freqs.weight"] = WeightSpec("rope_freqs.weight")
+        specs.update(layer_specs(args, present, LAYER, cls.optional))
+        return specs
