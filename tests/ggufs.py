@@ -105,7 +105,7 @@ def write_tiny_llama(path, *, dim=96, n_heads=3, n_kv_heads=1, ffn=160, layers=2
     (nothing a multiple of 64 unless K-quants need 256)."""
     qt = dict(LLAMA_QTYPES)
     qt.update(qtypes or {})
-    x = ARCH_EXTRAS[arch]
+    x = ARCH_EXTRAS.get(arch, {})
     rng = np.random.default_rng(seed)
     head_dim = head_dim or dim // n_heads
 

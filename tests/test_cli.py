@@ -79,8 +79,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_quant_type(tmp_path):
-    p = write_tiny_llama(tmp_path / "q.gguf", qtypes={"ffn_down": "Q5_0"})
-    assert_user_error(pyengine("generate", "--model", str(p), "hi"), "quant type Q5_0")
+    p = write_tiny_llama(tmp_path / "q.gguf", qtypes={"ffn_down": "MXFP4"})
+    assert_user_error(pyengine("generate", "--model", str(p), "hi"), "quant type MXFP4")
 
 
 def test_context_too_small_for_the_prompt(tiny_llama):

@@ -231,10 +231,12 @@ def test_next_turn_reuses_the_cached_prefix(tiny_llama, backend):
 
 def test_unsupported_architecture_and_quant_type_are_named(tmp_path, backend):
     path = write_tiny_llama(tmp_path / "mamba.gguf", arch="mamba")
-    with pytest.raises(UnsupportedModelError, match="architecture 'mamba'.*supported: llama"):
+    with pytest.raises(UnsupportedModelError,
+                       match="architecture .mamba.*supported: gemma3, llama, phi3, qwen2, qwen3"):
         Engine.load(path, backend)
-    path = write_tiny_llama(tmp_path / "q5.gguf", qtypes={"attn_q": "Q5_0"})
-    with pytest.raises(UnsupportedModelError, match="blk.0.attn_q.weight.*Q5_0.*supported"):
+    path = write_tiny_llama(tmp_path / "mx.gguf", qtypes={"attn_q": "MXFP4"})
+    with pytest.raises(UnsupportedModelError,
+                       match="blk.0.attn_q.weight.*MXFP4.*supported: F32, F16, BF16, Q4_0"):
         Engine.load(path, backend)
 
 
