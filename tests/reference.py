@@ -13,6 +13,7 @@ architecture's differences are spelled out where they happen in `forward`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,21 +85,22 @@ def rmsnorm(x, w, eps):
 
 
 def rope(x, pos, base, n_rot, neox=False, factors=None, attn_factor=1.0):
-    """Rotates x [heads, head_dim] at position pos: pairs (2i, 2i+1) of the first n_rot dims, or with
-    neox pairs (i, i + n_rot/2); frequencies divided by `factors`, cos and sin times attn_factor."""
+    """Rotates x [tokens, heads, head_dim] at positions pos [tokens]: pairs (2i, 2i+1) of the first n_rot
+    dims, or with neox pairs (i, i + n_rot/2); frequencies divided by `factors`, cos and sin times
+    attn_factor."""
     x = x.copy()
     i = np.arange(n_rot // 2)
-    theta = pos * base ** (-2.0 * i / n_rot)
+    theta = np.asarray(pos, np.float64)[:, None] * base ** (-2.0 * i / n_rot)     # [tokens, n_rot/2]
     if factors is not None:
         theta = theta / factors
-    c = (np.cos(theta) * attn_factor).astype(np.float32)
-    s = (np.sin(theta) * attn_factor).astype(np.float32)
+    c = (np.cos(theta) * attn_factor).astype(np.float32)[:, None, :]
+    s = (np.sin(theta) * attn_factor).astype(np.float32)[:, None, :]
     if neox:
-        a, b = x[:, : n_rot // 2].copy(), x[:, n_rot // 2: n_rot].copy()
-        x[:, : n_rot // 2], x[:, n_rot // 2: n_rot] = a * c - b * s, a * s + b * c
+        a, b = x[..., : n_rot // 2].copy(), x[..., n_rot // 2: n_rot].copy()
+        x[..., : n_rot // 2], x[..., n_rot // 2: n_rot] = a * c - b * s, a * s + b * c
     else:
-        a, b = x[:, 0:n_rot:2].copy(), x[:, 1:n_rot:2].copy()
-        x[:, 0:n_rot:2], x[:, 1:n_rot:2] = a * c - b * s, a * s + b * c
+        a, b = x[..., 0:n_rot:2].copy(), x[..., 1:n_rot:2].copy()
+        x[..., 0:n_rot:2], x[..., 1:n_rot:2] = a * c - b * s, a * s + b * c
     return x
 
 
@@ -107,7 +109,7 @@ def silu(x):
 
 
 def gelu_tanh(x):
-    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))  # a float64 scalar would promote
 
 
 class Reference:
@@ -122,11 +124,18 @@ class Reference:
         self.v_cache = [np.zeros((0, c.n_kv_heads, c.head_dim), np.float32) for _ in range(c.n_layers)]
 
     def forward(self, token: int, logits: bool = True):
-        """One token at the next position; returns the logits (or None when not asked for)."""
+        """One token at the next position; returns its logits (or None when not asked for)."""
+        out = self.forward_block([token], logits)
+        return None if out is None else out[-1]
+
+    def forward_block(self, tokens: list[int], logits: bool = True):
+        """The next len(tokens) positions at once (rows of matrices, a causal mask): the same math as one
+        token at a time; returns the last token's logits in a [1, vocab] array, or None."""
         c, w = self.cfg, self.w
-        pos = self.k_cache[0].shape[0]
+        n, pos0 = len(tokens), self.k_cache[0].shape[0]
+        pos = np.arange(pos0, pos0 + n)
         gemma, phi3 = c.arch == "gemma3", c.arch == "phi3"
-        x = w["token_embd.weight"][token].copy()
+        x = w["token_embd.weight"][tokens].copy()                        # [n, dim]
         if gemma:
             x = x * np.float32(np.sqrt(c.dim))
         group = c.n_heads // c.n_kv_heads
@@ -135,14 +144,14 @@ class Reference:
             p = f"blk.{layer}."
             h = rmsnorm(x, w[p + "attn_norm.weight"], c.eps)
             if phi3:
-                qkv = w[p + "attn_qkv.weight"] @ h
-                q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
+                qkv = h @ w[p + "attn_qkv.weight"].T
+                q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
             else:
-                q, k, v = (w[p + f"attn_{n}.weight"] @ h for n in "qkv")
+                q, k, v = (h @ w[p + f"attn_{t}.weight"].T for t in "qkv")
             if c.arch == "qwen2":
                 q, k, v = q + w[p + "attn_q.bias"], k + w[p + "attn_k.bias"], v + w[p + "attn_v.bias"]
-            q, k, v = q.reshape(c.n_heads, c.head_dim), k.reshape(c.n_kv_heads, c.head_dim), \
-                v.reshape(c.n_kv_heads, c.head_dim)
+            q, k, v = q.reshape(n, c.n_heads, c.head_dim), k.reshape(n, c.n_kv_heads, c.head_dim), \
+                v.reshape(n, c.n_kv_heads, c.head_dim)
             if c.arch in ("qwen3", "gemma3"):
                 q = rmsnorm(q, w[p + "attn_q_norm.weight"], c.eps)
                 k = rmsnorm(k, w[p + "attn_k_norm.weight"], c.eps)
@@ -151,35 +160,38 @@ class Reference:
             factors = w.get("rope_factors_short.weight") if phi3 else w.get("rope_freqs.weight")
             q = rope(q, pos, base, c.n_rot, c.neox, factors, c.attn_factor)
             k = rope(k, pos, base, c.n_rot, c.neox, factors, c.attn_factor)
-            self.k_cache[layer] = np.concatenate([self.k_cache[layer], k[None]])
-            self.v_cache[layer] = np.concatenate([self.v_cache[layer], v[None]])
-            first = max(0, pos + 1 - c.window) if local else 0    # a sliding window sees its last keys only
-            att = np.zeros((c.n_heads, c.head_dim), np.float32)
+            self.k_cache[layer] = np.concatenate([self.k_cache[layer], k])
+            self.v_cache[layer] = np.concatenate([self.v_cache[layer], v])
+            keys_pos = np.arange(pos0 + n)
+            visible = keys_pos[None, :] <= pos[:, None]                   # causal
+            if local:                                                    # a sliding window: the last keys only
+                visible &= keys_pos[None, :] > pos[:, None] - c.window
+            att = np.zeros((n, c.n_heads, c.head_dim), np.float32)
             for hd in range(c.n_heads):
-                keys = self.k_cache[layer][first:, hd // group]          # [keys, head_dim]
-                vals = self.v_cache[layer][first:, hd // group]
-                scores = keys @ q[hd] / np.sqrt(c.head_dim)
-                scores = np.exp(scores - scores.max())
-                att[hd] = (scores / scores.sum()) @ vals
-            o = w[p + "attn_output.weight"] @ att.reshape(-1)
+                keys = self.k_cache[layer][:, hd // group]                 # [keys, head_dim]
+                vals = self.v_cache[layer][:, hd // group]
+                scores = q[:, hd] @ keys.T / np.sqrt(c.head_dim)           # [n, keys]
+                scores = np.where(visible, scores, -np.inf)
+                scores = np.exp(scores - scores.max(axis=1, keepdims=True))
+                att[:, hd] = (scores / scores.sum(axis=1, keepdims=True)) @ vals
+            o = att.reshape(n, -1) @ w[p + "attn_output.weight"].T
             x = x + (rmsnorm(o, w[p + "post_attention_norm.weight"], c.eps) if gemma else o)
             h = rmsnorm(x, w[p + "ffn_norm.weight"], c.eps)
             if phi3:
-                gu = w[p + "ffn_up.weight"] @ h
-                gate, up = gu[:c.ffn], gu[c.ffn:]
+                gu = h @ w[p + "ffn_up.weight"].T
+                gate, up = gu[:, :c.ffn], gu[:, c.ffn:]
             else:
-                gate, up = w[p + "ffn_gate.weight"] @ h, w[p + "ffn_up.weight"] @ h
-            m = w[p + "ffn_down.weight"] @ ((gelu_tanh(gate) if gemma else silu(gate)) * up)
+                gate, up = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
+            m = ((gelu_tanh(gate) if gemma else silu(gate)) * up) @ w[p + "ffn_down.weight"].T
             x = x + (rmsnorm(m, w[p + "post_ffw_norm.weight"], c.eps) if gemma else m)
         if not logits:
             return None
-        x = rmsnorm(x, w["output_norm.weight"], c.eps)
-        return self.out @ x
+        x = rmsnorm(x[-1], w["output_norm.weight"], c.eps)
+        return (self.out @ x)[None]
 
     def greedy(self, prompt: list[int], n: int, stop_ids=()) -> list[int]:
         self.reset()
-        for i, t in enumerate(prompt):
-            logits = self.forward(t, logits=i == len(prompt) - 1)
+        logits = self.forward_block(prompt)[-1]
         out = []
         for _ in range(n):
             t = int(np.argmax(logits))

@@ -366,3 +366,26 @@ def test_a_weight_larger_than_one_binding_is_split_transparently(rig, qtype, mon
     rig.step(0, len(tokens), tokens)
     out = rig.run(lambda g: g.embed(w), len(tokens))
     close(rig.read(out, len(tokens) * k).reshape(len(tokens), k), wv[tokens])
+
+
+@pytest.mark.parametrize("hd,n", [(64, 1200), (256, 600)])
+def test_attention_over_more_keys_than_a_cpu_adapter_loops_by_default(backend, hd, n):
+    """llvmpipe stops an invocation's loops after 65535 iterations in all: a query head walking n keys
+    with a loop per dimension would be cut short here (past about 65535 / (2 * hd) keys)."""
+    nh, nkv = 4, 1
+    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, context=n, max_chunk=n)
+    rng = np.random.default_rng(hd)
+    q, k, v = (rng.standard_normal((n, h * hd)) for h in (nh, nkv, nkv))
+    rig.step(0, n)
+    qt, kt, vt = rig.tensor(q), rig.tensor(k), rig.tensor(v)
+
+    def build(g):
+        g.rope_kv(qt, kt, vt, 0, nh, nkv, hd, hd, 1e6, "neox")
+        return g.attention(qt, 0, nh, nkv, hd)
+
+    got = rig.read(rig.run(build, n), n * nh * hd).reshape(n, nh, hd)
+    keys = np.stack([rope_np(k[i].reshape(nkv, hd), i, 1e6, hd, "neox") for i in range(n)])
+    vals = v.reshape(n, nkv, hd)
+    for i in (0, n // 3, n - 2, n - 1):
+        qr = rope_np(q[i].reshape(nh, hd), i, 1e6, hd, "neox")
+        close(got[i], attention_np(qr, keys[:i + 1], vals[:i + 1], nh // nkv))
