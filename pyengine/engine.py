@@ -489,7 +489,11 @@ class Engine:
         messages = [{**m, "content": clean_text(m["content"])} if isinstance(m.get("content"), str) else m
                     for m in messages]
         text = self.template.render(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, parse_special=True)
+        ids = self.tokenizer.encode(text, add_bos=False, parse_special=True)
+        tok = self.tokenizer
+        if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+            ids.insert(0, tok.bos_id)      # templates normally write the BOS themselves; never twice
+        return ids
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw) -> Generation:
         """Plain completion of a prompt (text or token ids); iterate the result for text."""

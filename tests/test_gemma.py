@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import run
+from pyengine.chat_template import ChatTemplate
 from pyengine.engine import Engine
 from pyengine.sampling import SamplingParams
 from reference import Reference
@@ -73,3 +74,54 @@ def test_gemma_has_no_chat_template_so_chat_fails_clearly_and_a_supplied_one_wor
     assert r.stdout.strip() and "4 generated" in r.stderr or "finish: stop" in r.stderr
     r = pyengine("generate", "--model", "gemma3-270m", "--raw", "--temperature", "0", "--max-tokens", "8", QUESTION)
     assert r.returncode == 0 and "red" in r.stdout
+
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+            "m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_gemma_in_the_browser_answers_as_natively_and_takes_a_template(gemma, browser, site, gemma_path):
+    import os
+
+    from browser_helpers import open_page
+    from pyengine.shards import pack
+
+    out, url = site
+    if not os.path.exists(f"{out}/models/gemma/manifest.json"):
+        pack(gemma_path, f"{out}/models/gemma")
+    want = greedy(gemma, gemma.tokenizer.encode(QUESTION), 8).text
+    ctx, page = open_page(browser, url)
+    r = page.evaluate("""async ([model, prompt, template]) => {
+      const api = await import("/web/pyengine.mjs");
+      const out = {};
+      let e = await api.createEngine({ model, contextLength: 256 });
+      const a = await e.completions.create({ prompt, max_tokens: 8, temperature: 0, ignore_eos: true });
+      out.raw = a.choices[0].text;
+      try { await e.chat.completions.create({ messages: [{ role: "user", content: "Hi" }] }); }
+      catch (err) { out.noTemplate = [err.name, err.message]; }
+      await e.unload();
+      e = await api.createEngine({ model, contextLength: 256, chatTemplate: template });
+      const c = await e.chat.completions.create({ messages: [{ role: "user", content: "Name a color." }],
+                                                  max_tokens: 3, temperature: 0 });
+      out.chat = [c.usage.prompt_tokens, c.usage.completion_tokens];
+      await e.unload();
+      return out;
+    }""", [url + "models/gemma/manifest.json", QUESTION, TEMPLATE])
+    ctx.close()
+    assert r["raw"] == want
+    assert r["noTemplate"][0] == "TemplateError" and "no chat template" in r["noTemplate"][1]
+    text = ChatTemplate.from_gguf(gemma.gguf, gemma.tokenizer, TEMPLATE).render(
+        [{"role": "user", "content": "Name a color."}])
+    assert r["chat"][0] == len(gemma.tokenizer.encode(text, add_bos=False)) and 1 <= r["chat"][1] <= 3
+
+
+def test_a_chat_prompt_has_one_bos_whether_or_not_the_template_writes_it(gemma):
+    msgs = [{"role": "user", "content": "Hi"}]
+    try:
+        for template in (TEMPLATE, TEMPLATE.replace("{{ bos_token }}", "")):
+            gemma._template = ChatTemplate.from_gguf(gemma.gguf, gemma.tokenizer, template)
+            ids = gemma.chat_prompt(msgs)
+            assert ids[0] == gemma.tokenizer.bos_id and ids.count(gemma.tokenizer.bos_id) == 1
+    finally:
+        gemma._template = None
