@@ -42,7 +42,7 @@ class Session:
         self._gens: dict = {}             # request id -> its Generation while it runs
         self._interrupted: set = set()    # request ids interrupted before their generation existed
 
-    async def load(self, manifest_json: str, header, store, options_json: str) -> str:
+    async def load(self, manifest_json: str, header, store, options_json: str, on_plan=None) -> str:
         from .gpu.browser import BrowserBackend
 
         try:
@@ -53,13 +53,19 @@ class Session:
             if ctx is not None and (not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 1):
                 raise RequestError("contextLength", f"must be a positive integer, got {ctx!r}")
             t0 = time.perf_counter()
-            self.engine = await Engine.create(gguf, ShardWeights(store), BrowserBackend(),
-                                              context_length=ctx, chat_template=opts.get("chatTemplate"))
+            limit = opts.get("gpuMemoryLimit")
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                raise RequestError("gpuMemoryLimit", f"must be a positive number of bytes, got {limit!r}")
+            self.engine = await Engine.create(
+                gguf, ShardWeights(store), BrowserBackend(), context_length=ctx,
+                chat_template=opts.get("chatTemplate"), gpu_memory_limit=limit,
+                on_plan=(lambda plan: on_plan(json.dumps(plan))) if on_plan is not None else None)
             self.model_name = manifest["model"]["name"]
             return json.dumps({
                 "model": self.model_name,
                 "contextLength": self.engine.context_length,
                 "gpuBytes": self.engine.backend.bytes_allocated,
+                "gpuBytesNeeded": self.engine.memory,
                 "uploadSeconds": time.perf_counter() - t0,
                 "adapter": self.engine.backend.adapter_info,
             })

@@ -36,6 +36,8 @@ def _add_model_args(p, generation=True, backends=("native",)):
     p.add_argument("--chat-template", metavar="FILE", help="a jinja2 chat template to use instead of the model's")
     p.add_argument("--system", help="system message")
     p.add_argument("--kv-f16", action="store_true", help="keep the KV cache in f16 (needs shader-f16)")
+    p.add_argument("--gpu-memory", type=float, metavar="MB", default=None,
+                   help="refuse a model that needs more GPU memory than this, before loading it")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
@@ -64,8 +66,9 @@ async def _open_engine(a, **extra):
                 template = f.read()
         except OSError as e:
             raise PyEngineError(f"cannot read chat template {a.chat_template}: {e.strerror}") from None
+    limit = getattr(a, "gpu_memory", None)
     opts = dict(context_length=getattr(a, "context", None), chat_template=template,
-                kv_f16=getattr(a, "kv_f16", False))
+                kv_f16=getattr(a, "kv_f16", False), gpu_memory_limit=int(limit * 1e6) if limit else None)
     opts.update(extra)
     return await Engine.open(_model_path(a), a.backend, **opts)
 
@@ -200,6 +203,37 @@ async def cmd_tokenize(a):
     print(json.dumps(tok.encode(clean_text(a.text), add_bos=False)))
 
 
+async def cmd_info(a):
+    """What a model is and what it needs, read from its header: nothing touches the GPU but the adapter's limits."""
+    from collections import Counter
+
+    from .engine import Engine
+    from .gguf import read_gguf
+    from .gpu import open_backend
+
+    path = _model_path(a)
+    g = read_gguf(path)
+    backend = open_backend("native")
+    engine = Engine(g, backend, context_length=a.context)
+    plan = engine.memory_plan()
+    engine.close()
+    print(json.dumps({
+        "model": g.get("general.name") or path,
+        "architecture": engine.arch,
+        "file_bytes": g.size,
+        "parameters": sum(t.n_elements for t in g.tensors.values()),
+        "tensor_types": dict(Counter(t.type_name for t in g.tensors.values())),
+        "tokenizer": engine.tokenizer.model,
+        "vocab_size": engine.args.vocab_size,
+        "layers": engine.args.n_layers,
+        "context": engine.context_length,
+        "chat_template": bool(g.get("tokenizer.chat_template")),
+        "gpu_memory_bytes": plan,
+        "adapter": backend.adapter_info.get("device"),
+        "adapter_max_binding_bytes": backend.max_storage_binding,
+    }, indent=2))
+
+
 async def cmd_bench(a):
     from .bench import run_bench, run_browser_bench
 
@@ -224,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tokenize", help="print the token ids of TEXT as JSON")
     t.add_argument("text")
     _add_model_args(t, generation=False)
+    i = sub.add_parser("info", help="print what a model is and the GPU memory it needs, as JSON")
+    i.add_argument("--context", type=int, default=None, help="context length in tokens (default 2048)")
+    _add_model_args(i, generation=False)
     b = sub.add_parser("bench", help="measure load, prefill and decode speed; prints JSON")
     _add_model_args(b, generation=False, backends=("native", "browser"))
     b.add_argument("--runs", type=int, default=3)
@@ -242,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "tokenize": cmd_tokenize, "bench": cmd_bench,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "tokenize": cmd_tokenize, "info": cmd_info, "bench": cmd_bench,
             "pack": cmd_pack, "serve": cmd_serve}
 
 

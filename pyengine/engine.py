@@ -240,13 +240,7 @@ class Engine:
         self.model = None
         self.decode_plan = None
         self._prefill_plans: dict[int, object] = {}
-        self.state = State(backend, self.args.vocab_size, self.max_chunk)
-        try:
-            self.state.kv = KVCache(backend, self.args.n_layers, ctx, self.args.n_kv_heads,
-                                    self.args.head_dim, f16=kv_f16)
-        except BaseException:
-            self.close()
-            raise
+        self.state: State | None = None       # the GPU buffers every plan shares: allocated by create()
         self._cls = cls
         self.load_s = 0.0
         self._cached: list[int] = []     # tokens whose keys and values sit in the cache
@@ -254,25 +248,37 @@ class Engine:
         self._sparams_written = None
 
     @classmethod
-    async def create(cls, gguf: GGUFFile, weights_source, backend, **options) -> "Engine":
-        """An engine for a parsed GGUF whose tensor bytes `weights_source` writes into GPU buffers."""
+    async def create(cls, gguf: GGUFFile, weights_source, backend, on_plan=None, **options) -> "Engine":
+        """An engine for a parsed GGUF whose tensor bytes `weights_source` writes into GPU buffers.
+        on_plan(memory_plan) hears what the model needs before any weight is uploaded."""
         engine = cls(gguf, backend, **options)
+        if on_plan is not None:
+            on_plan(engine.memory)
         try:
+            engine._allocate()
             await engine._load(weights_source)
         except BaseException:
             engine.close()      # no half-built model stays on the GPU, nor is ever used
             raise
         return engine
 
+    def _allocate(self) -> None:
+        a = self.args
+        self.state = State(self.backend, a.vocab_size, self.max_chunk)
+        self.state.kv = KVCache(self.backend, a.n_layers, self.context_length, a.n_kv_heads, a.head_dim,
+                                f16=self.kv_f16)
+
     def close(self) -> None:
         """Frees every GPU buffer this engine allocated; the engine cannot run afterwards."""
         be = self.backend
-        bufs = [b for w in self.weights.values() for b in w.buffers] + self.state.buffers()
+        bufs = [b for w in self.weights.values() for b in w.buffers]
+        if self.state is not None:
+            bufs += self.state.buffers()
+            self.state.pool.buffers, self.state._tiles, self.state.kv = [], {}, None
         if self._staging is not None:
             bufs.append(self._staging)
         self.weights, self._staging, self.model, self.decode_plan = {}, None, None, None
         self._prefill_plans = {}
-        self.state.pool.buffers, self.state._tiles, self.state.kv = [], {}, None
         for b in bufs:
             try:
                 be.destroy_buffer(b)
@@ -355,6 +361,12 @@ class Engine:
                 "total": weights + kv + working + staging}
 
     def _check_memory(self, limit: int | None):
+        a = self.args
+        per_layer = self.context_length * a.n_kv_heads * a.head_dim * (2 if self.kv_f16 else 4)
+        if per_layer > self.backend.max_storage_binding:
+            raise PyEngineError(
+                f"a context of {self.context_length} tokens needs {per_layer} bytes of KV cache per layer, more "
+                f"than this GPU binds at once ({self.backend.max_storage_binding}); use a smaller context")
         plan = self.memory_plan()
         if limit is not None and plan["total"] > limit:
             raise GPUError(

@@ -12,6 +12,8 @@ from .gpu import Binding, Dispatch, split_workgroups
 from .graph import Weight
 from .kernels import GGUF_BLOCKS, REPACKED_QTYPES, packed_nbytes
 
+STAGING_BYTES = 16 << 20    # raw bytes repacked per dispatch: the staging buffer's size at most
+
 
 def split_rows(qtype: str, rows: int, cols: int, limit: int) -> list[tuple[int, int]]:
     """(first row, rows) of each part of a [rows, cols] weight, each part's packed bytes within `limit`
@@ -42,12 +44,17 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
             buf = backend.create_buffer(packed_nbytes(qtype, n, cols), label)
             parts.append((row0, n, buf))
             if qtype in REPACKED_QTYPES:
-                await _maybe_await(write_raw(staging, row0 * row_bytes, n * row_bytes))   # queued before the repack
+                per_block = GGUF_BLOCKS[qtype][1]
                 blocks = n * cols // GGUF_BLOCKS[qtype][0]
-                pipe = kernels.pipeline("repack", {"qtype": qtype}, {"NB": blocks})
-                groups = split_workgroups(-(-blocks // 128), backend.max_workgroups_per_dim)
-                backend.submit(backend.create_plan(
-                    [Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
+                run = _run_blocks(qtype)
+                base = row0 * row_bytes
+                for b0 in range(0, blocks, run):       # through staging a run of blocks at a time
+                    nb = min(run, blocks - b0)
+                    await _maybe_await(write_raw(staging, base + b0 * per_block, nb * per_block))
+                    pipe = kernels.pipeline("repack", {"qtype": qtype}, {"NB": blocks, "B0": b0, "RUN": nb})
+                    groups = split_workgroups(-(-nb // 128), backend.max_workgroups_per_dim)
+                    backend.submit(backend.create_plan(       # queued after the write, before the next one
+                        [Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
             else:
                 await _maybe_await(write_raw(buf, row0 * row_bytes, n * row_bytes))
     except BaseException:
@@ -57,12 +64,18 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
     return Weight(name, qtype, rows, cols, parts[0][2], packed_nbytes(qtype, rows, cols), parts)
 
 
+def _run_blocks(qtype: str) -> int:
+    """Blocks repacked per dispatch: an even number (scales are packed in pairs) within STAGING_BYTES."""
+    return STAGING_BYTES // GGUF_BLOCKS[qtype][1] // 2 * 2
+
+
 def staging_bytes(qtype: str, rows: int, cols: int, limit: int) -> int:
-    """The staging a repacked weight needs: the raw bytes of its largest part."""
+    """The staging a repacked weight needs: its largest part's raw bytes, up to one run of blocks."""
     if qtype not in REPACKED_QTYPES:
         return 0
     row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
-    return max(n for _, n in split_rows(qtype, rows, cols, limit)) * row_bytes
+    largest = max(n for _, n in split_rows(qtype, rows, cols, limit)) * row_bytes
+    return min(largest, _run_blocks(qtype) * GGUF_BLOCKS[qtype][1])
 
 
 async def _maybe_await(x):

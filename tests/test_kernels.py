@@ -389,3 +389,14 @@ def test_attention_over_more_keys_than_a_cpu_adapter_loops_by_default(backend, h
     for i in (0, n // 3, n - 2, n - 1):
         qr = rope_np(q[i].reshape(nh, hd), i, 1e6, hd, "neox")
         close(got[i], attention_np(qr, keys[:i + 1], vals[:i + 1], nh // nkv))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q6_K"])
+def test_repack_through_a_staging_window_smaller_than_the_weight(rig, qtype, monkeypatch):
+    import pyengine.weights as weights
+
+    n, k = 301, 256
+    monkeypatch.setattr(weights, "STAGING_BYTES", 5000)      # several runs of blocks, the last one short
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    x = rig.rng.standard_normal(k)
+    close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x), w), 1), n), wv @ x)

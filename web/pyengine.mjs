@@ -137,8 +137,9 @@ export class Engine {
 // download: { concurrency, attempts, backoffMs, stallMs } tunes how shards are fetched.
 // onBusy: "queue" (default) runs requests that arrive together one after another, in order;
 // "reject" fails a request made while another runs.
+// gpuMemoryLimit: bytes of GPU memory the model may use; one needing more fails before it downloads to the GPU.
 export async function createEngine({ model, onProgress, contextLength, chatTemplate, download, onBusy = "queue",
-                                     _faults } = {}) {
+                                     gpuMemoryLimit, _faults } = {}) {
   if (typeof model !== "string" || !model) {
     throw badRequest("model", "give the URL of a model's manifest.json");
   }
@@ -152,7 +153,7 @@ export async function createEngine({ model, onProgress, contextLength, chatTempl
   const ch = new Channel(worker);
   try {
     const info = await ch.call("load", { model: new URL(model, location.href).href, contextLength, chatTemplate,
-                                         download, faults: _faults }, { onProgress });
+                                         download, gpuMemoryLimit, faults: _faults }, { onProgress });
     return new Engine(ch, worker, info, onBusy);
   } catch (e) {
     worker.terminate();

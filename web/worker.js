@@ -24,7 +24,7 @@ async function boot() {
   session = pyodide.runPython("from pyengine.browser import Session\nSession()");
 }
 
-async function load(id, { model, contextLength, chatTemplate, download, faults }) {
+async function load(id, { model, contextLength, chatTemplate, download, faults, gpuMemoryLimit }) {
   await boot();
   if (session) session.unload();
   if (replayer) replayer.destroyAll();
@@ -54,8 +54,12 @@ async function load(id, { model, contextLength, chatTemplate, download, faults }
   device.pushErrorScope("out-of-memory");
   device.pushErrorScope("validation");
   // under a shared lock: a tab deleting this model waits until the weights are on the GPU
+  // the GPU memory the model needs, stated before any weight is uploaded
+  const plan = (p) => progress({ phase: "plan", gpuBytesNeeded: JSON.parse(p), loadedBytes: 0, totalBytes: total,
+                                 shardsDone: store.manifest.shards.length, shardsTotal: store.manifest.shards.length });
   const text = await store.reading(() => session.load(JSON.stringify(store.manifest), header, sink,
-    JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null })));
+    JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null,
+                     gpuMemoryLimit: gpuMemoryLimit ?? null }), plan));
   store.release();
   const invalid = await device.popErrorScope();
   const oom = await device.popErrorScope();
