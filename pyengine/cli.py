@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from .errors import PyEngineError
@@ -186,15 +187,6 @@ async def cmd_chat(a):
             _print_stats(gen)
 
 
-def _default_or_none():
-    from .default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except PyEngineError:
-        return None
-
-
 async def cmd_tokenize(a):
     from .gguf import read_gguf
     from .tokenizer import Tokenizer, clean_text
@@ -237,12 +229,20 @@ async def cmd_info(a):
 async def cmd_bench(a):
     from .bench import run_bench, run_browser_bench
 
+    model = a.model
+    if a.synthetic:
+        from .default_model import cache_dir
+        from .synthetic import write_synthetic
+
+        model = write_synthetic(os.path.join(cache_dir(), f"synthetic-{a.synthetic}.gguf"), a.synthetic)
     if a.backend == "browser":
-        result = await run_browser_bench(a.model or _default_or_none(), runs=a.runs, prompt_tokens=a.prompt_tokens,
-                                         gen_tokens=a.gen_tokens, dist=a.dist)
+        result = await run_browser_bench(model, runs=a.runs, prompt_tokens=a.prompt_tokens,
+                                         gen_tokens=a.gen_tokens, dist=a.dist, build=a.build or bool(a.synthetic),
+                                         profile=not a.no_profile)
     else:
+        a.model = model
         result = await run_bench(_model_path(a), a.backend, runs=a.runs, prompt_tokens=a.prompt_tokens,
-                                 gen_tokens=a.gen_tokens, context=a.context)
+                                 gen_tokens=a.gen_tokens, context=a.context, profile=not a.no_profile)
     print(json.dumps(result, indent=2))
 
 
@@ -267,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--gen-tokens", type=int, default=128)
     b.add_argument("--context", type=int, default=None)
+    b.add_argument("--synthetic", choices=["llama-1b", "llama-3b"],
+                   help="a model with these shapes and random Q4_0 weights, written once to the cache folder")
+    b.add_argument("--build", action="store_true",
+                   help="with --backend browser: build the site for --model first (into --dist)")
+    b.add_argument("--no-profile", action="store_true", help="skip the bandwidth and per-kernel measurements")
     k = sub.add_parser("pack", help="cut a GGUF into verified shards and a manifest for the browser")
     k.add_argument("model", help="the GGUF file")
     k.add_argument("outdir")

@@ -21,6 +21,7 @@ from .graph import GraphBuilder, ScratchPool
 from .kernels import BLOCK_VALUES, KERNEL_QTYPES, TOPK, UNIFORM_BYTES, Kernels, packed_nbytes
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
+from . import tuning as autotune
 from .tokenizer import Tokenizer, clean_text
 from .weights import staging_bytes, upload_weight
 
@@ -209,7 +210,8 @@ class Generation:
 class Engine:
     def __init__(self, gguf: GGUFFile, backend, context_length: int | None = None,
                  kv_f16: bool = False, chat_template: str | None = None, max_chunk: int = MAX_CHUNK,
-                 on_busy: str = "queue", gpu_memory_limit: int | None = None):
+                 on_busy: str = "queue", gpu_memory_limit: int | None = None, tuning: dict | None = None,
+                 tune: bool = True):
         if on_busy not in ("queue", "reject"):
             raise PyEngineError(f"on_busy must be 'queue' or 'reject', got {on_busy!r}")
         self.on_busy = on_busy
@@ -233,6 +235,8 @@ class Engine:
         self.backend = backend
         self.kernels = Kernels(backend)
         self.kv_f16 = kv_f16
+        self._tuning_cached, self._tune = tuning, tune
+        self.tuning, self.tuning_source = {}, "default"
         self._check_tensors(cls)
         self.memory = self._check_memory(gpu_memory_limit)
         self.weights: dict = {}
@@ -288,6 +292,11 @@ class Engine:
     async def _load(self, source):
         t0 = time.perf_counter()
         self.weights = await self._upload(source)
+        if self._tune:
+            self.tuning, self.tuning_source = await autotune.tune(self, self._tuning_cached)
+        else:
+            self.tuning = self._tuning_cached or autotune.defaults(self.backend)
+        self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)
         self.decode_plan = self._build(1, decode=True)
         await self._release_staging()
@@ -302,8 +311,12 @@ class Engine:
         owned = isinstance(backend, str)
         be = open_backend(backend) if owned else backend
         src = FileWeights(path)
+        options.setdefault("tuning", autotune.load_native(be))
         try:
-            return await cls.create(gguf, src, be, **options)
+            engine = await cls.create(gguf, src, be, **options)
+            if engine.tuning_source == "measured":
+                autotune.save_native(be, engine.tuning)
+            return engine
         except BaseException:
             if owned:
                 be.destroy()

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from .gpu import Binding, Dispatch, split_workgroups
-from .kernels import TOPK, TOPK_CHUNK, UNIFORM_BYTES
+from .kernels import REPACKED_QTYPES, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES
 
 F32 = 4
 
@@ -107,20 +107,28 @@ class GraphBuilder:
         binds = {i: (b if isinstance(b, Binding) else Binding(b)) for i, b in bindings.items()}
         if isinstance(workgroups, int):
             workgroups = split_workgroups(workgroups, self.k.backend.max_workgroups_per_dim)
-        self.dispatches.append(Dispatch(pipe, binds, workgroups, label or family))
+        self.dispatches.append(Dispatch(pipe, binds, workgroups, label or family, family))
 
     def _step(self):
         return self.s.step
+
+    @staticmethod
+    def _words(binds: dict, w: Weight, index: int, buf) -> dict:
+        """Repacked weights keep their scales as single words, read through a second, u32 view."""
+        if w.qtype in REPACKED_QTYPES:
+            binds[index] = buf
+        return binds
 
     # -- ops ----------------------------------------------------------------
 
     def embed(self, w: Weight, scale: float = 1.0) -> Tensor:
         out = self._tensor(w.cols)
-        units = self.m_cap * w.cols // 8
+        units = self.m_cap * w.cols // 32
         for row0, rows, buf in w.parts:     # each part fills the rows of the tokens it holds
             self._dispatch("embed", {"qtype": w.qtype},
                            {"N": rows, "K": w.cols, "SCALE": scale, "ROW0": row0, "NTOTAL": w.rows},
-                           {0: buf, 1: out.buffer, 2: self._step()}, -(-units // 64), f"embed {w.name}")
+                           self._words({0: buf, 1: out.buffer, 2: self._step()}, w, 3, buf),
+                           -(-units // 64), f"embed {w.name}")
         return out
 
     def rms_norm(self, x: Tensor, w: Weight, eps: float, last_row: bool = False, heads: int = 1,
@@ -153,7 +161,8 @@ class GraphBuilder:
             groups = -(-rows // params["wg"])
             for i in range(-(-x.rows // t)):
                 xb = Binding(x.buffer, i * t * k * F32, UNIFORM_BYTES) if uniform else Binding(x.buffer)
-                binds = {0: buf, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)}
+                binds = self._words({0: buf, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)},
+                                    w, 6, buf)
                 if bias is not None:
                     binds[5] = bias.buffer
                 self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}, binds,
@@ -167,9 +176,11 @@ class GraphBuilder:
                                 bias=bias is not None, act=act)
         per_group = params["wg"] * params["rows"]
         for p, (row0, rows, buf) in enumerate(w.parts):
-            binds = {0: buf, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out}
+            binds = self._words({0: buf, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out},
+                                w, 4, buf)
             if w2 is not None:
                 binds[3] = w2.parts[p][2]
+                self._words(binds, w2, 5, w2.parts[p][2])
             elif bias is not None:
                 binds[3] = bias.buffer
             self._dispatch("matvec", params, {"N": rows, "K": w.cols, "ROW0": row0}, binds,
@@ -206,8 +217,12 @@ class GraphBuilder:
         """Causal attention over the layer's cache; with `window`, each query sees its last `window` keys."""
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
-        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
-        groups = -(-q.rows * n_heads // params["wg"])
+        if q.rows == 1:      # decode: each head's keys split over a workgroup
+            params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, split=min(32, 2048 // head_dim))
+            groups = n_heads
+        else:
+            params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, split=0)
+            groups = -(-q.rows * n_heads // params["wg"])
         self._dispatch("attention", params,
                        {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                         "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)},
@@ -225,7 +240,7 @@ class GraphBuilder:
                        {0: s.logits, 1: s.counts, 2: s.sparams, 3: s.processed, 4: s.topk[0]},
                        (lists, 1, 1), "topk chunk")
         src = 0
-        per = TOPK_CHUNK // TOPK
+        per = TOPK_MERGE                  # records merged by one workgroup
         while lists > 1:
             groups = -(-lists // per)
             self._dispatch("topk", {"stage": "merge", "topk": TOPK}, {"COUNT": lists},

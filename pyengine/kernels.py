@@ -14,9 +14,9 @@ from .errors import UnsupportedModelError
 # quant types the mat-vec, mat-mat and embedding kernels read
 KERNEL_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 # quant types whose GGUF blocks the repack kernel lays out for aligned loads (the others are read as stored)
-REPACKED_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q6_K")
+REPACKED_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q6_K")
 # values per block: a row's length must be a multiple of it
-BLOCK_VALUES = {"F32": 8, "F16": 8, "BF16": 8, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
+BLOCK_VALUES = {"F32": 32, "F16": 32, "BF16": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
                 "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 # GGUF blocks: (values, bytes) per block, for the raw upload
 GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
@@ -25,10 +25,11 @@ GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32
 
 TOPK = 64           # candidates read back per token
 TOPK_CHUNK = 1024   # logits per workgroup in the first top-k pass
+TOPK_MERGE = 16     # records per workgroup in the later passes
 
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
-    "matvec": {"wg": 32, "rows": 1},
+    "matvec": {"wg": 32, "rows": 4},
     "matmul": {"wg": 64},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64},
@@ -77,6 +78,7 @@ class Kernels:
         self.env = jinja2.Environment(loader=_shader_loader(), undefined=jinja2.StrictUndefined,
                                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
         self._pipelines: dict = {}
+        self.tuning: dict = {}      # op -> parameters measured best on this adapter (pyengine/tuning.py)
         self.device_params = {
             "backend": "dawn" if backend.name == "browser" else "naga",
             "subgroups": False,
@@ -86,6 +88,8 @@ class Kernels:
     def render(self, family: str, **params) -> str:
         p = dict(self.device_params)
         p.update(params)
+        if "qtype" in p:            # repacked types keep scale words apart, read through a u32 view
+            p["words"] = p["qtype"] in REPACKED_QTYPES
         return self.env.get_template(f"{family}.wgsl.j2").render(**p)
 
     def pipeline(self, family: str, params: dict, constants: dict):
@@ -114,6 +118,7 @@ class Kernels:
 
     def variant(self, op: str, **extra) -> dict:
         p = dict(VARIANTS.get(op, {}))
+        p.update(self.tuning.get(op, {}))
         p.update(extra)
         if p.get("kv_f16") or p.get("f16"):
             if "shader-f16" not in self.backend.features:

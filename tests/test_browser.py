@@ -38,6 +38,12 @@ def test_reload_loads_from_indexeddb_with_no_shard_requests(loaded):
     assert r["info2"]["shardsFetched"] == 0
 
 
+def test_kernel_tuning_is_measured_on_the_first_visit_and_kept_in_indexeddb(loaded):
+    _, r = loaded
+    first, again = r["info"]["tuning"], r["info2"]["tuning"]
+    assert first["source"] == "measured" and again["source"] == "cached" and again["choice"] == first["choice"]
+
+
 def test_browser_greedy_equals_native(loaded, engine):
     page, _ = loaded
     for prompt in PROMPTS:
@@ -207,3 +213,15 @@ def test_a_model_that_will_not_fit_fails_before_downloading(browser, site):
     assert requests == 0
     assert not [u for u in page.requests if SHARD.search(u)]
     ctx.close()
+
+
+def test_browser_benchmark_reports_loads_speed_memory_and_calls_per_token(site):
+    from conftest import run
+    from pyengine.bench import run_browser_bench
+
+    out, _ = site
+    r = run(run_browser_bench(runs=1, prompt_tokens=16, gen_tokens=4, dist=out))
+    assert r["cold_load_s"] > 0 and r["warm_load_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+    assert r["js_calls_per_token"] <= 5            # DESIGN.md rule 1: a handful of calls per token
+    assert r["page_memory_peak_while_loading_mb"] >= r["page_memory_after_load_mb"] > 0
+    assert r["bandwidth"]["gb_s"] > 0 and "matvec" in r["profile"]["kernels"]

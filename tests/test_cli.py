@@ -52,9 +52,14 @@ def test_bench_prints_json(tiny_llama):
     res = pyengine("bench", "--model", tiny_llama, "--runs", "2", "--prompt-tokens", "20", "--gen-tokens", "8")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    for key in ("load_s", "prefill_tok_s", "decode_tok_s", "time_to_first_token_s", "adapter"):
+    for key in ("cold_load_s", "warm_load_s", "prefill_tok_s", "decode_tok_s", "time_to_first_token_s", "adapter",
+                "dispatches_per_token", "gpu_bytes", "weight_bytes_per_token"):
         assert key in out
     assert out["prompt_tokens"] == 20 and out["decode_tok_s"] > 0
+    assert out["bandwidth"]["gb_s"] > 0 and 0 < out["decode_fraction_of_limit"]
+    kernels = out["profile"]["kernels"]
+    assert {"matvec", "attention", "topk", "rmsnorm"} <= set(kernels)
+    assert sum(k["dispatches"] for k in kernels.values()) == out["dispatches_per_token"]
 
 
 def test_missing_model_file():

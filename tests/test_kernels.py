@@ -94,7 +94,7 @@ def close(a, b, rtol=2e-5):
 
 def shapes_for(qtype):
     if qtype in ("F32", "F16", "BF16"):
-        return [(1, 8), (77, 40), (300, 96), (130, 160)]
+        return [(1, 32), (77, 64), (300, 96), (130, 160)]
     if qtype in K_BLOCKS:
         return [(1, 256), (77, 512), (300, 256), (130, 768)]
     return [(1, 32), (77, 96), (300, 160), (130, 64)]
@@ -302,7 +302,7 @@ def topk_np(logits, counts, rep, presence, frequency, inv_t):
     return l, order
 
 
-@pytest.mark.parametrize("vocab", [300, 5000, 49152])
+@pytest.mark.parametrize("vocab", [300, 5000, 49152, 262144])
 @pytest.mark.parametrize("ties", [False, True])
 def test_logits_processing_and_top_k(backend, vocab, ties):
     rig = Rig(backend, vocab=vocab)
@@ -373,7 +373,7 @@ def test_attention_over_more_keys_than_a_cpu_adapter_loops_by_default(backend, h
     """llvmpipe stops an invocation's loops after 65535 iterations in all: a query head walking n keys
     with a loop per dimension would be cut short here (past about 65535 / (2 * hd) keys)."""
     nh, nkv = 4, 1
-    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, context=n, max_chunk=n)
+    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, context=n + 1, max_chunk=n)
     rng = np.random.default_rng(hd)
     q, k, v = (rng.standard_normal((n, h * hd)) for h in (nh, nkv, nkv))
     rig.step(0, n)
@@ -389,6 +389,14 @@ def test_attention_over_more_keys_than_a_cpu_adapter_loops_by_default(backend, h
     for i in (0, n // 3, n - 2, n - 1):
         qr = rope_np(q[i].reshape(nh, hd), i, 1e6, hd, "neox")
         close(got[i], attention_np(qr, keys[:i + 1], vals[:i + 1], nh // nkv))
+    # and one decode step after them, its keys split over a workgroup
+    q1, k1, v1 = (rng.standard_normal(h * hd) for h in (nh, nkv, nkv))
+    rig.step(n, 1)
+    qt, kt, vt = rig.tensor(q1), rig.tensor(k1), rig.tensor(v1)
+    got = rig.read(rig.run(build, 1), nh * hd).reshape(nh, hd)
+    keys = np.concatenate([keys, rope_np(k1.reshape(nkv, hd), n, 1e6, hd, "neox")[None]])
+    vals = np.concatenate([vals, v1.reshape(1, nkv, hd)])
+    close(got, attention_np(rope_np(q1.reshape(nh, hd), n, 1e6, hd, "neox"), keys, vals, nh // nkv))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q6_K"])

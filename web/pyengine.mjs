@@ -127,6 +127,7 @@ export class Engine {
   resetChat() { return this._ch.call("reset"); }
   runtimeStats() { return this._ch.call("stats"); }
   memoryStats() { return this._ch.call("memory"); }
+  _profileForBenchmark(decodeTokS) { return this._ch.call("profile", { decodeTokS }); }
   _loseDeviceForTesting() { return this._ch.call("loseDevice"); }
   async unload() {
     await this._ch.call("unload");

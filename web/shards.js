@@ -2,7 +2,7 @@
 // before it is stored and again before its bytes go to the GPU.
 
 const DB_NAME = "pyengine";
-const DB_VERSION = 1;
+const DB_VERSION = 2;      // 2: a "settings" store (kernel tuning per adapter) beside models and shards
 const MANIFEST_FORMAT = "pyengine-shards";
 const MANIFEST_VERSION = 1;
 
@@ -28,8 +28,10 @@ export function openDB() {
       const r = indexedDB.open(DB_NAME, DB_VERSION);
       r.onupgradeneeded = () => {
         const db = r.result;
-        db.createObjectStore("models", { keyPath: "id" });
-        db.createObjectStore("shards", { keyPath: ["model", "index"] });
+        const have = new Set(db.objectStoreNames);
+        if (!have.has("models")) db.createObjectStore("models", { keyPath: "id" });
+        if (!have.has("shards")) db.createObjectStore("shards", { keyPath: ["model", "index"] });
+        if (!have.has("settings")) db.createObjectStore("settings", { keyPath: "key" });
       };
       r.onsuccess = () => resolve(r.result);
       r.onerror = () => { dbPromise = null; reject(r.error); };
@@ -341,6 +343,20 @@ async function removeModel(db, id) {
   const tx = db.transaction(["models", "shards"], "readwrite");
   tx.objectStore("models").delete(id);
   tx.objectStore("shards").delete(IDBKeyRange.bound([id, 0], [id, Infinity]));
+  await done(tx);
+}
+
+// Small records the engine keeps between visits (the kernel variants measured best on this adapter).
+export async function getSetting(key) {
+  const db = await openDB();
+  const rec = await req(db.transaction("settings", "readonly").objectStore("settings").get(key));
+  return rec ? rec.value : undefined;
+}
+
+export async function putSetting(key, value) {
+  const db = await openDB();
+  const tx = db.transaction("settings", "readwrite");
+  tx.objectStore("settings").put({ key, value });
   await done(tx);
 }
 

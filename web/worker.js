@@ -4,7 +4,7 @@
 
 import { loadPyodide } from "../pyodide/pyodide.mjs";
 import { openDevice, Replayer } from "./gpu.js";
-import { ShardStore } from "./shards.js";
+import { ShardStore, getSetting, putSetting } from "./shards.js";
 
 const base = new URL("../", import.meta.url);
 let pyodide = null;
@@ -57,9 +57,10 @@ async function load(id, { model, contextLength, chatTemplate, download, faults, 
   // the GPU memory the model needs, stated before any weight is uploaded
   const plan = (p) => progress({ phase: "plan", gpuBytesNeeded: JSON.parse(p), loadedBytes: 0, totalBytes: total,
                                  shardsDone: store.manifest.shards.length, shardsTotal: store.manifest.shards.length });
+  const tuningCache = (await getSetting("tuning").catch(() => undefined)) || {};
   const text = await store.reading(() => session.load(JSON.stringify(store.manifest), header, sink,
     JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null,
-                     gpuMemoryLimit: gpuMemoryLimit ?? null }), plan));
+                     gpuMemoryLimit: gpuMemoryLimit ?? null, tuningCache }), plan));
   store.release();
   const invalid = await device.popErrorScope();
   const oom = await device.popErrorScope();
@@ -70,6 +71,9 @@ async function load(id, { model, contextLength, chatTemplate, download, faults, 
                         : `the GPU rejected the model's setup: ${invalid.message}`);
   }
   const info2 = fail(text);
+  if (info2.tuning && info2.tuning.source === "measured") {   // timed once per adapter, kept for next visits
+    await putSetting("tuning", { ...tuningCache, [info2.tuning.key]: info2.tuning.choice }).catch(() => {});
+  }
   info2.shardsFetched = fetched + (store.refetched || 0);
   info2.shardsRefetched = store.refetched || 0;
   info2.downloadSeconds = (t1 - t0) / 1000;
@@ -143,6 +147,12 @@ const ops = {
 
   // for fault tests: what a driver reset does to the page
   async loseDevice() { if (replayer) replayer.device.destroy(); },
+
+  // for the benchmark: bandwidth and a per-kernel profile, measured by the engine's Python in this worker
+  async profile(id, { decodeTokS }) {
+    if (!session) throw new Error("no model is loaded");
+    return fail(await session.profile(decodeTokS || 0));
+  },
 
   async reset() { if (session) session.reset(); },
   async stats() { return session ? JSON.parse(session.runtime_stats()) : {}; },

@@ -23,6 +23,7 @@ class Dispatch:
     bindings: dict[int, Binding]
     workgroups: tuple[int, int, int]
     label: str = ""
+    family: str = ""        # the kernel family (shaders/<family>.wgsl.j2): profiles group by it
 
 
 @dataclass

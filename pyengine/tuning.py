@@ -1,0 +1,108 @@
+"""Kernel variants chosen per adapter: a small space, timed once on first load, cached by adapter.
+
+Decode spends most of its time in the mat-vec, and its best shape differs between adapters:
+CPU adapters (lavapipe, SwiftShader) want several rows per invocation (the activations are
+read once for them all), GPUs want many invocations. The first load on an adapter times each
+variant on one of the model's own weights and keeps the fastest; the result is cached (a JSON
+file natively, IndexedDB in the browser) under the adapter's name, so later loads skip it.
+Where nothing was measured, DEFAULTS applies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .graph import GraphBuilder
+
+SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "wg": 32}]}
+DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
+VERSION = 1      # a change to the kernels or the space makes older measurements stale
+
+
+def adapter_key(backend) -> str:
+    i = backend.adapter_info or {}
+    return f"v{VERSION}:{backend.name}:{i.get('vendor')}:{i.get('device') or i.get('description')}"
+
+
+def defaults(backend) -> dict:
+    i = backend.adapter_info or {}
+    kind = "cpu" if i.get("adapter_type") == "CPU" or any(
+        s in str(i.get(k) or "").lower() for k in ("device", "description", "vendor", "architecture")
+        for s in ("llvmpipe", "swiftshader", "lavapipe")) else "gpu"
+    return {op: dict(v) for op, v in DEFAULTS[kind].items()}
+
+
+async def measure_matvec(engine, weight, variant: dict, reps: int = 3) -> float:
+    """Seconds for one mat-vec of `weight` with `variant`, the median of `reps` replays of 8."""
+    be, k = engine.backend, engine.kernels
+    saved = k.tuning.get("matvec")
+    k.tuning["matvec"] = variant
+    try:
+        g = GraphBuilder(k, engine.state, 1)
+        x = g._tensor(weight.cols, 1)
+        out = g._tensor(weight.rows, 1)
+        for _ in range(8):
+            g._matvec(weight, x, out.buffer, "store")
+        plan = be.create_plan(g.dispatches, "tuning")
+        await be.submit_and_read(plan, engine.state.step, 0, 16)      # compiles, warms up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            await be.submit_and_read(plan, engine.state.step, 0, 16)
+            times.append(time.perf_counter() - t0)
+        del g, x, out
+        return sorted(times)[len(times) // 2] / 8
+    finally:
+        if saved is None:
+            k.tuning.pop("matvec", None)
+        else:
+            k.tuning["matvec"] = saved
+
+
+async def tune(engine, cached: dict | None) -> tuple[dict, str]:
+    """The variants for this engine's adapter: (choice, how: "cached" | "measured" | "default")."""
+    if cached:
+        return cached, "cached"
+    mats = [w for w in engine.weights.values() if w.rows > 1 and len(w.parts) == 1 and w.qtype != "F32"]
+    if not mats:
+        return defaults(engine.backend), "default"
+    weight = max(mats, key=lambda w: w.nbytes if w.rows < 65536 else 0)    # a layer's widest, not the head
+    best, best_t = None, None
+    for variant in SPACE["matvec"]:
+        t = await measure_matvec(engine, weight, variant)
+        if best_t is None or t < best_t:
+            best, best_t = variant, t
+    return {"matvec": dict(best)}, "measured"
+
+
+# -- the native cache: a JSON file in the cache folder -------------------------------------------------
+
+def _cache_file() -> str:
+    from .default_model import cache_dir
+
+    return os.path.join(cache_dir(), "tuning.json")
+
+
+def load_native(backend) -> dict | None:
+    try:
+        with open(_cache_file()) as f:
+            return json.load(f).get(adapter_key(backend))
+    except (OSError, ValueError):
+        return None
+
+
+def save_native(backend, choice: dict) -> None:
+    path = _cache_file()
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = {}
+    data[adapter_key(backend)] = choice
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.part"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
