@@ -36,8 +36,11 @@ serve: build
 chat: setup
 	$(BIN)/pyengine chat
 
+# the whole suite on the system's adapter (lavapipe without a GPU), then every kernel again on SwiftShader,
+# the browser's CPU adapter, whose compiler differs (its Vulkan driver ships with Chromium)
 test: setup
 	$(BIN)/python -m pytest
+	VK_ICD_FILENAMES=$$(ls /usr/lib/chromium/vk_swiftshader_icd.json) $(BIN)/python -m pytest -q tests/test_kernels.py
 
 bench: setup
 	$(BIN)/pyengine bench

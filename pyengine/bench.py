@@ -115,7 +115,9 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
     engine = None
     for _ in range(runs + 1):
         if engine is not None:
-            engine.backend.destroy()
+            engine.close()
+            if isinstance(backend, str):      # Engine.open made this device for it
+                engine.backend.destroy()
         t0 = time.perf_counter()
         engine = await Engine.open(model_path, backend, context_length=context)
         loads.append(time.perf_counter() - t0)
@@ -129,8 +131,9 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
             ttft.append(gen.timings.ttft_s)
     out = {
         "model": str(model_path),
-        "backend": backend,
+        "backend": "native",
         "adapter": engine.backend.adapter_info,
+        "kernel_variants": engine.tuning,
         "runs": runs,
         "cold_load_s": round(loads[0], 3),
         "warm_load_s": round(med(loads[1:]), 3),

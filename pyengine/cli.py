@@ -17,6 +17,8 @@ def _add_model_args(p, generation=True, backends=("native",)):
                                    "URL of a shard manifest")
     p.add_argument("--backend", default="native", choices=list(backends),
                    help="where the model runs: natively on wgpu, or in headless Chromium through the web build")
+    p.add_argument("--adapter", help="natively: part of the adapter's name (swiftshader, llvmpipe, a GPU's); "
+                                     "default: the one wgpu prefers")
     if "browser" in backends:
         p.add_argument("--dist", help="the built site for --backend browser (default: ./dist)")
     if not generation:
@@ -51,6 +53,15 @@ def _params(a):
         frequency_penalty=a.frequency_penalty, stop=a.stop, truncation=a.truncation)
 
 
+def _native_backend(a):
+    """The backend to open: a name, or a native backend on the adapter --adapter names."""
+    if a.backend == "native" and getattr(a, "adapter", None):
+        from .gpu import open_backend
+
+        return open_backend("native", adapter=a.adapter)
+    return a.backend
+
+
 def _model_path(a) -> str:
     from .default_model import default_model_path, resolve_model
 
@@ -71,7 +82,7 @@ async def _open_engine(a, **extra):
     opts = dict(context_length=getattr(a, "context", None), chat_template=template,
                 kv_f16=getattr(a, "kv_f16", False), gpu_memory_limit=int(limit * 1e6) if limit else None)
     opts.update(extra)
-    return await Engine.open(_model_path(a), a.backend, **opts)
+    return await Engine.open(_model_path(a), _native_backend(a), **opts)
 
 
 def _print_stats(gen):
@@ -205,7 +216,7 @@ async def cmd_info(a):
 
     path = _model_path(a)
     g = read_gguf(path)
-    backend = open_backend("native")
+    backend = open_backend("native", adapter=a.adapter)
     engine = Engine(g, backend, context_length=a.context)
     plan = engine.memory_plan()
     engine.close()
@@ -241,7 +252,7 @@ async def cmd_bench(a):
                                          profile=not a.no_profile)
     else:
         a.model = model
-        result = await run_bench(_model_path(a), a.backend, runs=a.runs, prompt_tokens=a.prompt_tokens,
+        result = await run_bench(_model_path(a), _native_backend(a), runs=a.runs, prompt_tokens=a.prompt_tokens,
                                  gen_tokens=a.gen_tokens, context=a.context, profile=not a.no_profile)
     print(json.dumps(result, indent=2))
 

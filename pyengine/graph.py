@@ -171,9 +171,9 @@ class GraphBuilder:
 
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
                 bias: Weight | None = None, act: str = "silu"):
-        uniform = self.k.matvec_uniform(w.cols)
-        params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=uniform,
+        params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=self.k.matvec_uniform(w.cols),
                                 bias=bias is not None, act=act)
+        uniform = params["x_uniform"] and not params["xshare"]
         per_group = params["wg"] * params["rows"]
         for p, (row0, rows, buf) in enumerate(w.parts):
             binds = self._words({0: buf, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out},

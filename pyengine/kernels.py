@@ -29,7 +29,7 @@ TOPK_MERGE = 16     # records per workgroup in the later passes
 
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
-    "matvec": {"wg": 32, "rows": 4},
+    "matvec": {"wg": 32, "rows": 4, "xshare": False, "unpack": False},
     "matmul": {"wg": 64},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64},
@@ -81,7 +81,7 @@ class Kernels:
         self.tuning: dict = {}      # op -> parameters measured best on this adapter (pyengine/tuning.py)
         self.device_params = {
             "backend": "dawn" if backend.name == "browser" else "naga",
-            "subgroups": False,
+            "subgroups": "subgroups" in backend.features,
             "f16": False,
         }
 

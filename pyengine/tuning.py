@@ -17,8 +17,16 @@ import time
 from .graph import GraphBuilder
 
 SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "wg": 32}]}
+# with subgroups: activations shared by shuffles, 4-bit values through unpack4x8unorm (SwiftShader's shape)
+SUBGROUP_SPACE = {"matvec": [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
+                             {"rows": 2, "wg": 32, "xshare": True, "unpack": True}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
-VERSION = 1      # a change to the kernels or the space makes older measurements stale
+VERSION = 2      # a change to the kernels or the space makes older measurements stale
+
+
+def space(backend) -> list[dict]:
+    extra = SUBGROUP_SPACE["matvec"] if "subgroups" in backend.features else []
+    return SPACE["matvec"] + extra
 
 
 def adapter_key(backend) -> str:
@@ -70,7 +78,7 @@ async def tune(engine, cached: dict | None) -> tuple[dict, str]:
         return defaults(engine.backend), "default"
     weight = max(mats, key=lambda w: w.nbytes if w.rows < 65536 else 0)    # a layer's widest, not the head
     best, best_t = None, None
-    for variant in SPACE["matvec"]:
+    for variant in space(engine.backend):
         t = await measure_matvec(engine, weight, variant)
         if best_t is None or t < best_t:
             best, best_t = variant, t

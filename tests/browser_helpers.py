@@ -57,3 +57,17 @@ def native_answer(path, prompt, n, context=128):
     run(go())
     engine.close()
     return gen.text
+
+
+def rejected(page, requests_js: str) -> list:
+    """For each request of a JavaScript array literal (it may hold NaN, BigInt, ...), what
+    chat.completions.create rejected it with: [field, message], or None where it was accepted."""
+    return page.evaluate("""async () => {
+      const bad = %s;
+      const out = [];
+      for (const r of bad) {
+        try { await window.engine.chat.completions.create(r); out.push(null); }
+        catch (e) { out.push([e.field, e.message]); }
+      }
+      return out;
+    }""" % requests_js)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from browser_helpers import LOAD_JS, ROOT, SHARD, manifest_url, native_greedy, open_page
+from browser_helpers import LOAD_JS, ROOT, SHARD, manifest_url, native_greedy, open_page, rejected
 
 ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 PROMPTS = ["What is the capital of France?", "List three fruits."]
@@ -80,20 +80,11 @@ def test_interrupt_stops_a_stream_and_the_next_request_is_correct(loaded, engine
 
 def test_bad_requests_reject_naming_the_field(loaded):
     page, _ = loaded
-    errors = page.evaluate("""async () => {
-      const bad = [
+    errors = rejected(page, """[
         { messages: [] }, { messages: [{ role: "wizard", content: "x" }] },
         { messages: [{ role: "user", content: "x" }], temperature: -1 },
         { messages: [{ role: "user", content: "x" }], max_tokens: 0 },
-        { messages: [{ role: "user", content: "x" }], top_p: 2, stream: true },
-      ];
-      const out = [];
-      for (const r of bad) {
-        try { await window.engine.chat.completions.create(r); out.push(null); }
-        catch (e) { out.push([e.field, e.message]); }
-      }
-      return out;
-    }""")
+        { messages: [{ role: "user", content: "x" }], top_p: 2, stream: true }]""")
     fields = [e and e[0] for e in errors]
     assert fields == ["messages", "messages[0].role", "temperature", "max_tokens", "top_p"]
 

@@ -113,3 +113,11 @@ def test_model_without_template(tmp_path):
 ])
 def test_bad_options_name_the_field(args, field):
     assert_user_error(pyengine("generate", *args, "hi"), field)
+
+
+def test_an_adapter_is_chosen_by_name_and_an_unknown_one_is_named(tiny_llama):
+    res = pyengine("generate", "--model", tiny_llama, "--adapter", "swiftshader", "--raw", "--temperature", "0",
+                   "--max-tokens", "3", "--stats", "hello")
+    assert res.returncode == 0, res.stderr
+    assert_user_error(pyengine("info", "--model", tiny_llama, "--adapter", "no-such-gpu"),
+                      "no WebGPU adapter matches 'no-such-gpu'; found:")

@@ -408,3 +408,26 @@ def test_repack_through_a_staging_window_smaller_than_the_weight(rig, qtype, mon
     w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
     x = rig.rng.standard_normal(k)
     close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x), w), 1), n), wv @ x)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_every_matvec_variant_the_tuner_may_choose(rig, qtype):
+    from pyengine.tuning import space
+
+    n, k = shapes_for(qtype)[2]
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    w2, wv2 = rig.weight(rig.rng.standard_normal((n, k)), qtype, "w2")
+    x, h, bias = rig.rng.standard_normal(k), rig.rng.standard_normal(n), rig.rng.standard_normal(n)
+    a, b = wv @ x, wv2 @ x
+    try:
+        for variant in space(rig.be):
+            rig.k.tuning = {"matvec": variant}
+            close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x), w), 1), n), a)
+            close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x), w, bias=rig.vector(bias)), 1), n), a + bias)
+            res = rig.tensor(h)
+            rig.run(lambda g: g.linear(rig.tensor(x), w, accumulate=res), 1)
+            close(rig.read(res, n), h + a)
+            out = rig.run(lambda g: g.gated_mlp(rig.tensor(x), w, w2, "silu"), 1)
+            close(rig.read(out, n), a / (1 + np.exp(-a)) * b, rtol=5e-5)
+    finally:
+        rig.k.tuning = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from browser_helpers import open_page
+from browser_helpers import open_page, rejected
 from conftest import run
 from pyengine.engine import Engine
 from pyengine.sampling import SamplingParams
@@ -107,21 +107,15 @@ def test_a_rejecting_engine_refuses_a_request_while_one_runs(page, site, native)
 
 
 def test_values_json_cannot_carry_are_named_not_defaulted(page):
-    errors = page.evaluate("""async () => {
-      const m = [{ role: "user", content: "x" }];
-      const bad = [
-        { messages: m, temperature: NaN }, { messages: m, top_p: Infinity }, { messages: m, max_tokens: -Infinity },
-        { messages: m, seed: 1.5 }, { messages: m, seed: 10n ** 30n }, { messages: m, stop: Array(20).fill("a") },
-        { messages: m, max_tokens: 1e9 }, { messages: [{ role: "user", content: 42 }] },
-        { messages: [{ role: "user", content: "x" }], truncation: "middle" }, "not an object",
-      ];
-      const out = [];
-      for (const r of bad) {
-        try { await window.engine.chat.completions.create(r); out.push(null); }
-        catch (e) { out.push([e.field, e.message]); }
-      }
-      return out;
-    }""")
+    errors = rejected(page, """[
+        { messages: [{ role: "user", content: "x" }], temperature: NaN },
+        { messages: [{ role: "user", content: "x" }], top_p: Infinity },
+        { messages: [{ role: "user", content: "x" }], max_tokens: -Infinity },
+        { messages: [{ role: "user", content: "x" }], seed: 1.5 },
+        { messages: [{ role: "user", content: "x" }], seed: 10n ** 30n },
+        { messages: [{ role: "user", content: "x" }], stop: Array(20).fill("a") },
+        { messages: [{ role: "user", content: "x" }], max_tokens: 1e9 }, { messages: [{ role: "user", content: 42 }] },
+        { messages: [{ role: "user", content: "x" }], truncation: "middle" }, "not an object"]""")
     fields = [e and e[0] for e in errors]
     assert fields == ["temperature", "top_p", "max_tokens", "seed", "seed", "stop", "max_tokens",
                       "messages[0].content", "truncation", "request"]

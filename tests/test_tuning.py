@@ -28,7 +28,7 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
     monkeypatch.setattr(tuning, "measure_matvec", fake)
     first = Engine.load(tiny_llama, backend, context_length=64)
     assert first.tuning == {"matvec": {"rows": 2, "wg": 32}} and first.tuning_source == "measured"
-    assert timed == tuning.SPACE["matvec"]
+    assert timed == tuning.space(backend)
     assert any('"rows": 2' in key[1] for key in first.kernels._pipelines if key[0] == "matvec")
     assert json.loads(cache.read_text())[tuning.adapter_key(backend)] == first.tuning
     first.close()
@@ -45,7 +45,7 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
 def test_every_variant_gives_the_same_logits(tiny_llama, backend):
     ids = list(range(3, 40))
     outs = []
-    for variant in tuning.SPACE["matvec"]:
+    for variant in tuning.space(backend):
         e = Engine.load(tiny_llama, backend, context_length=64, tuning={"matvec": variant}, tune=False)
         outs.append(np.array(asyncio.run(e.logits(ids))))
         e.close()

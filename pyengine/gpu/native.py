@@ -17,19 +17,51 @@ def _quiet_vulkan_loader():
         os.environ["XDG_RUNTIME_DIR"] = d
 
 
+# Chromium's SwiftShader Vulkan driver: the browser's CPU adapter, also usable natively
+SWIFTSHADER_ICDS = ("/usr/lib/chromium/vk_swiftshader_icd.json", "/usr/lib/chromium-browser/vk_swiftshader_icd.json")
+
+
+def _make_visible(name: str) -> None:
+    """SwiftShader's driver is not among the system's Vulkan drivers: list it beside them (this works
+    only before the process first uses wgpu)."""
+    import glob
+    import os
+
+    if "swiftshader" not in name.lower() or os.environ.get("VK_ICD_FILENAMES"):
+        return
+    extra = [p for p in SWIFTSHADER_ICDS if os.path.isfile(p)][:1]
+    if extra:
+        system = sorted(glob.glob("/usr/share/vulkan/icd.d/*.json") + glob.glob("/etc/vulkan/icd.d/*.json"))
+        os.environ["VK_ICD_FILENAMES"] = ":".join(system + extra)
+
+
 class NativeBackend(Backend):
     name = "native"
 
     def __init__(self, power_preference: str = "high-performance", max_storage_binding: int | None = None,
-                 disable_features: tuple = ()):
+                 disable_features: tuple = (), adapter: str | None = None):
+        """adapter: part of the name of the adapter to use (`swiftshader`, `llvmpipe`, a GPU's name);
+        by default the one wgpu prefers."""
         _quiet_vulkan_loader()
+        if adapter:
+            _make_visible(adapter)
         try:
             import wgpu
         except ImportError as e:  # pragma: no cover - depends on the install
             raise GPUError(f"the native backend needs wgpu-py: pip install wgpu ({e})") from None
         self._wgpu = wgpu
         try:
-            adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+            if adapter:
+                found = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info.get("backend_type") != "OpenGL"]
+                names = [f"{a.info.get('device')} ({a.info.get('vendor')})" for a in found]
+                found = [a for a, n in zip(found, names) if adapter.lower() in n.lower()]
+                if not found:
+                    raise GPUError(f"no WebGPU adapter matches '{adapter}'; found: {', '.join(names) or 'none'}")
+                adapter = found[0]
+            else:
+                adapter = wgpu.gpu.request_adapter_sync(power_preference=power_preference)
+        except GPUError:
+            raise
         except Exception as e:
             raise GPUError(f"no WebGPU adapter found (install a Vulkan driver such as "
                            f"mesa-vulkan-drivers): {e}") from None

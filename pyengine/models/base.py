@@ -99,3 +99,27 @@ def head_specs(present) -> dict:
     if "output.weight" in present:
         out["output.weight"] = WeightSpec("output.weight")
     return out
+
+
+class Decoder:
+    """token embedding -> N x Block -> RMSNorm -> output head (tied to the embedding if absent).
+    An architecture names its Block and, if it scales its embeddings, embed_scale."""
+
+    Block = None
+
+    def __init__(self, args, w):
+        self.args = args
+        self.tok_embd = w["token_embd.weight"]
+        self.layers = [self.Block(args, w, i) for i in range(args.n_layers)]
+        self.norm = w["output_norm.weight"]
+        self.output = w.get("output.weight") or self.tok_embd
+
+    @property
+    def embed_scale(self) -> float:
+        return 1.0
+
+    def __call__(self, g):
+        h = g.embed(self.tok_embd, scale=self.embed_scale)
+        for layer in self.layers:
+            h = layer(g, h)
+        g.logits(g.rms_norm(h, self.norm, self.args.norm_eps, last_row=True), self.output)

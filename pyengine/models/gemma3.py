@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .base import Meta, ModelArgs, head_specs, layer_specs
+from .base import Decoder, Meta, ModelArgs, head_specs, layer_specs
 
 LAYER = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
          "attn_q_norm.weight", "attn_k_norm.weight", "post_attention_norm.weight",
@@ -56,19 +56,12 @@ class Block:
         return h
 
 
-class Gemma3:
-    def __init__(self, args, w):
-        self.args = args
-        self.tok_embd = w["token_embd.weight"]
-        self.layers = [Block(args, w, i) for i in range(args.n_layers)]
-        self.norm = w["output_norm.weight"]
-        self.output = w.get("output.weight") or self.tok_embd
+class Gemma3(Decoder):
+    Block = Block
 
-    def __call__(self, g):
-        h = g.embed(self.tok_embd, scale=math.sqrt(self.args.dim))
-        for layer in self.layers:
-            h = layer(g, h)
-        g.logits(g.rms_norm(h, self.norm, self.args.norm_eps, last_row=True), self.output)
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.args.dim)
 
     @classmethod
     def read_args(cls, gguf, arch: str, context: int | None = None) -> ModelArgs:

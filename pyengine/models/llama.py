@@ -6,7 +6,7 @@ Llama 2 and 3 (with Llama 3's RoPE frequency factors), SmolLM2, TinyLlama; Qwen2
 
 from __future__ import annotations
 
-from .base import ModelArgs, WeightSpec, head_specs, layer_specs
+from .base import Decoder, ModelArgs, WeightSpec, head_specs, layer_specs
 
 LAYER = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
          "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
@@ -55,24 +55,12 @@ class Block:
         return h
 
 
-class Llama:
+class Llama(Decoder):
     """token embedding -> N x Block -> RMSNorm -> output head (tied to the embedding if absent)."""
 
+    Block = Block
     rope_mode = "norm"
     optional = ()          # per-layer tensors used when the file has them
-
-    def __init__(self, args: ModelArgs, w):
-        self.args = args
-        self.tok_embd = w["token_embd.weight"]
-        self.layers = [Block(args, w, i) for i in range(args.n_layers)]
-        self.norm = w["output_norm.weight"]
-        self.output = w.get("output.weight") or self.tok_embd
-
-    def __call__(self, g):
-        h = g.embed(self.tok_embd)
-        for layer in self.layers:
-            h = layer(g, h)
-        g.logits(g.rms_norm(h, self.norm, self.args.norm_eps, last_row=True), self.output)
 
     @classmethod
     def read_args(cls, gguf, arch: str, context: int | None = None) -> ModelArgs:
