@@ -111,7 +111,7 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
                     profile=True):
     """Natively: cold load (the first in this process: pipelines compile), warm loads, then prefill,
     decode and time to first token over `runs` generations (after one that builds the prefill plan)."""
-    loads = []
+    loads, parts = [], []
     engine = None
     for _ in range(runs + 1):
         if engine is not None:
@@ -121,6 +121,7 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
         t0 = time.perf_counter()
         engine = await Engine.open(model_path, backend, context_length=context)
         loads.append(time.perf_counter() - t0)
+        parts.append(engine.load_times)
     prompt = bench_prompt(engine.tokenizer, prompt_tokens)
     prefill, decode, ttft = [], [], []
     for i in range(runs + 1):
@@ -137,6 +138,7 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
         "runs": runs,
         "cold_load_s": round(loads[0], 3),
         "warm_load_s": round(med(loads[1:]), 3),
+        "cold_load_parts_s": {k: round(v, 3) for k, v in parts[0].items()},
         "prompt_tokens": len(prompt),
         "prefill_tok_s": round(med(prefill), 2),
         "time_to_first_token_s": round(med(ttft), 3),
@@ -272,7 +274,9 @@ async def run_browser_bench(model=None, runs=3, prompt_tokens=128, gen_tokens=12
                 await page.goto(url + "headless.html")
                 with _RendererMemory() as mem:
                     before = mem.now()
-                    cold.append((await page.evaluate(LOAD_JS, manifest))["seconds"])
+                    r = await page.evaluate(LOAD_JS, manifest)
+                    cold.append(r["seconds"])
+                    cold_parts = {"download_s": round(r["info"]["downloadSeconds"], 3), **r["info"]["loadTimes"]}
                 peaks.append(mem.peak - before)
                 after.append(mem.now() - before)
                 await page.reload()
@@ -300,6 +304,7 @@ async def run_browser_bench(model=None, runs=3, prompt_tokens=128, gen_tokens=12
                 "runs": runs,
                 "cold_load_s": round(med(cold), 3),
                 "warm_load_s": round(med(warm), 3),
+                "cold_load_parts_s": cold_parts,
                 "prompt_tokens": used,
                 "prefill_tok_s": round(med(prefill), 2),
                 "time_to_first_token_s": round(med(ttft), 3),

@@ -71,6 +71,7 @@ class Session:
                 "gpuBytesNeeded": self.engine.memory,
                 "tuning": {"key": key, "choice": self.engine.tuning, "source": self.engine.tuning_source},
                 "uploadSeconds": time.perf_counter() - t0,
+                "loadTimes": {k: round(v, 3) for k, v in self.engine.load_times.items()},
                 "adapter": self.engine.backend.adapter_info,
             })
         except Exception as e:   # noqa: BLE001 - every failure goes back to the page as a message

@@ -247,6 +247,7 @@ class Engine:
         self.state: State | None = None       # the GPU buffers every plan shares: allocated by create()
         self._cls = cls
         self.load_s = 0.0
+        self.load_times = {}
         self._cached: list[int] = []     # tokens whose keys and values sit in the cache
         self._current: Generation | None = None
         self._sparams_written = None
@@ -292,15 +293,19 @@ class Engine:
     async def _load(self, source):
         t0 = time.perf_counter()
         self.weights = await self._upload(source)
+        t1 = time.perf_counter()
         if self._tune:
             self.tuning, self.tuning_source = await autotune.tune(self, self._tuning_cached)
         else:
             self.tuning = self._tuning_cached or autotune.defaults(self.backend)
+        t2 = time.perf_counter()
         self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)
         self.decode_plan = self._build(1, decode=True)
         await self._release_staging()
         self.load_s = time.perf_counter() - t0
+        # where a load's time goes: weights to the GPU, kernel tuning, the decode plan (compiling its kernels)
+        self.load_times = {"upload_s": t1 - t0, "tune_s": t2 - t1, "plan_s": self.load_s - (t2 - t0)}
 
     # -- loading ----------------------------------------------------------------
 

@@ -21,7 +21,7 @@ SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "w
 SUBGROUP_SPACE = {"matvec": [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
                              {"rows": 2, "wg": 32, "xshare": True, "unpack": True}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
-VERSION = 2      # a change to the kernels or the space makes older measurements stale
+VERSION = 3      # a change to the kernels or the space makes older measurements stale
 
 
 def space(backend) -> list[dict]:
@@ -42,8 +42,9 @@ def defaults(backend) -> dict:
     return {op: dict(v) for op, v in DEFAULTS[kind].items()}
 
 
-async def measure_matvec(engine, weight, variant: dict, reps: int = 3) -> float:
-    """Seconds for one mat-vec of `weight` with `variant`, the median of `reps` replays of 8."""
+async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):
+    """A function timing one replay of `repeat` mat-vecs of `weight` with `variant` (seconds per mat-vec);
+    the plan is built and compiled (and run once) before it returns."""
     be, k = engine.backend, engine.kernels
     saved = k.tuning.get("matvec")
     k.tuning["matvec"] = variant
@@ -51,22 +52,34 @@ async def measure_matvec(engine, weight, variant: dict, reps: int = 3) -> float:
         g = GraphBuilder(k, engine.state, 1)
         x = g._tensor(weight.cols, 1)
         out = g._tensor(weight.rows, 1)
-        for _ in range(8):
+        for _ in range(repeat):
             g._matvec(weight, x, out.buffer, "store")
         plan = be.create_plan(g.dispatches, "tuning")
         await be.submit_and_read(plan, engine.state.step, 0, 16)      # compiles, warms up
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            await be.submit_and_read(plan, engine.state.step, 0, 16)
-            times.append(time.perf_counter() - t0)
-        del g, x, out
-        return sorted(times)[len(times) // 2] / 8
     finally:
         if saved is None:
             k.tuning.pop("matvec", None)
         else:
             k.tuning["matvec"] = saved
+
+    async def once() -> float:
+        t0 = time.perf_counter()
+        await be.submit_and_read(plan, engine.state.step, 0, 16)
+        return (time.perf_counter() - t0) / repeat
+
+    once.keep = (g, x, out)       # the plan's buffers live as long as the timer
+    return once
+
+
+async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5) -> list[float]:
+    """Seconds per mat-vec for each variant: the variants take turns, round after round, and each
+    keeps its fastest time, so a burst of other work on the machine weighs on none of them alone."""
+    timers = [await matvec_timer(engine, weight, v) for v in variants]
+    best = [float("inf")] * len(variants)
+    for _ in range(rounds):
+        for i, once in enumerate(timers):
+            best[i] = min(best[i], await once())
+    return best
 
 
 async def tune(engine, cached: dict | None) -> tuple[dict, str]:
@@ -77,11 +90,9 @@ async def tune(engine, cached: dict | None) -> tuple[dict, str]:
     if not mats:
         return defaults(engine.backend), "default"
     weight = max(mats, key=lambda w: w.nbytes if w.rows < 65536 else 0)    # a layer's widest, not the head
-    best, best_t = None, None
-    for variant in space(engine.backend):
-        t = await measure_matvec(engine, weight, variant)
-        if best_t is None or t < best_t:
-            best, best_t = variant, t
+    variants = space(engine.backend)
+    times = await measure_variants(engine, weight, variants)
+    best = variants[times.index(min(times))]
     return {"matvec": dict(best)}, "measured"
 
 

@@ -381,3 +381,95 @@ def test_a_gpu_that_runs_out_of_memory_mid_load_is_a_clear_error_then_loads_agai
     assert "could not allocate" in r["error"] and "out of memory" in r["error"]
     assert r["text"] == native_answer(tiny_llama, "hello", 6)
     ctx.close()
+
+
+@pytest.fixture(scope="module")
+def fine_model(site, tiny_llama):
+    """The tiny model cut into many small shards: a download long enough to watch the upload beside it."""
+    from pyengine.shards import pack
+
+    out, url = site
+    pack(tiny_llama, f"{out}/models/tiny-fine", max_shard=6_000)
+    with open(f"{out}/models/tiny-fine/manifest.json") as f:
+        return url + "models/tiny-fine/manifest.json", json.load(f)
+
+
+@pytest.fixture
+def fine_page(browser, site, fine_model):
+    """A fresh page (its own IndexedDB) and the finely cut model: (page, manifest URL, manifest)."""
+    ctx, page = open_page(browser, site[1])
+    yield (page, *fine_model)
+    ctx.close()
+
+
+def test_shards_reach_the_gpu_while_the_next_ones_download(fine_page, tiny_expected):
+    page, model, manifest = fine_page
+    events = page.evaluate("""async (model) => {
+      const api = await import("/web/pyengine.mjs");
+      const events = [];
+      window.engine = await api.createEngine({ model, contextLength: 256, onProgress: (p) => events.push(p) });
+      return events;
+    }""", model)
+    shards = manifest["shards"]
+    assert len(shards) > 10 and len(shard_requests(page)) == len(shards)
+    downloads = [e for e in events if e["phase"] == "download"]
+    # the upload began before the last shard arrived
+    assert any(0 < e["uploadedBytes"] and e["shardsDone"] < len(shards) for e in downloads)
+    assert page.evaluate(TINY_ASK_JS, QUESTION) == tiny_expected
+
+
+
+def test_a_slow_upload_holds_the_download_back(fine_page):
+    page, model, manifest = fine_page
+    r = page.evaluate("""async (model) => {
+      const { ShardStore, sha256Hex } = await import("/web/shards.js");
+      const store = await ShardStore.open(model);
+      let arrived = 0, taken = 0, ahead = 0;
+      const hashes = [];
+      const { result } = await store.load((p) => { arrived = p.shardsDone; ahead = Math.max(ahead, arrived - taken); },
+        async () => {
+          for (let i = 0; i < store.manifest.shards.length; i++) {
+            hashes.push(await sha256Hex(await store.shardBytes(i)));
+            taken = i + 1;
+            await new Promise((ok) => setTimeout(ok, 25));       // a GPU slower than the network
+          }
+          return "used";
+        });
+      return { result, ahead, hashes, window: store.concurrency };
+    }""", model)
+    assert r["result"] == "used"
+    assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
+    # no more shards in memory than the window, besides the one being used
+    assert r["ahead"] <= r["window"] + 1, r
+
+
+
+def test_a_model_the_gpu_cannot_hold_stops_its_download(fine_page, tiny_expected):
+    page, model, manifest = fine_page
+    error = page.evaluate("""async (model) => {
+      const api = await import("/web/pyengine.mjs");
+      try { await api.createEngine({ model, contextLength: 256, gpuMemoryLimit: 100000 }); }
+      catch (e) { return e.message; }
+      return null;
+    }""", model)
+    assert error and "GPU memory" in error and "the limit is" in error
+    first = len(shard_requests(page))
+    assert first < len(manifest["shards"]) // 2        # refused after the header: the rest never came
+    page.requests.clear()
+    page.evaluate(LOAD_JS, model)                      # without the limit: only what is missing
+    assert first + len(shard_requests(page)) == len(manifest["shards"])
+    assert page.evaluate(TINY_ASK_JS, QUESTION) == tiny_expected
+
+
+
+def test_an_upload_that_needs_few_shards_lets_the_rest_download(fine_page):
+    page, model, manifest = fine_page
+    r = page.evaluate("""async (model) => {
+      const { ShardStore } = await import("/web/shards.js");
+      const store = await ShardStore.open(model);
+      const load = store.load(() => {}, async () => (await store.shardBytes(0)).byteLength);
+      const late = new Promise((ok) => setTimeout(() => ok("still waiting after 20 s"), 20000));
+      const result = await Promise.race([load.then((x) => x.result), late]);
+      return { result, stored: (await store.storedIndices()).size };
+    }""", model)
+    assert r == {"result": manifest["shards"][0]["size"], "stored": len(manifest["shards"])}

@@ -19,16 +19,24 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, backend, cache, monkeypatch):
-    timed = []
+    built, calls = [], []
+    fast = {"rows": 2, "wg": 32}
 
-    async def fake(engine, weight, variant, reps=3):
-        timed.append(variant)
-        return 1.0 if variant != {"rows": 2, "wg": 32} else 0.5
+    async def fake(engine, weight, variant, repeat=8):
+        built.append(variant)
+        # the fastest variant meets a burst of other work on its first turn: one slow time in five
+        times = iter([5.0, 0.5, 0.5, 0.5, 0.5] if variant == fast else [1.0] * 5)
 
-    monkeypatch.setattr(tuning, "measure_matvec", fake)
+        async def once():
+            calls.append(variant)
+            return next(times)
+        return once
+
+    monkeypatch.setattr(tuning, "matvec_timer", fake)
     first = Engine.load(tiny_llama, backend, context_length=64)
-    assert first.tuning == {"matvec": {"rows": 2, "wg": 32}} and first.tuning_source == "measured"
-    assert timed == tuning.space(backend)
+    assert first.tuning == {"matvec": fast} and first.tuning_source == "measured"
+    assert built == tuning.space(backend)
+    assert calls == tuning.space(backend) * 5          # the variants take turns, round after round
     assert any('"rows": 2' in key[1] for key in first.kernels._pipelines if key[0] == "matvec")
     assert json.loads(cache.read_text())[tuning.adapter_key(backend)] == first.tuning
     first.close()
@@ -36,10 +44,18 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
     async def never(*a, **k):
         raise AssertionError("a cached choice is not measured again")
 
-    monkeypatch.setattr(tuning, "measure_matvec", never)
+    monkeypatch.setattr(tuning, "matvec_timer", never)
     second = Engine.load(tiny_llama, backend, context_length=64)
     assert second.tuning == first.tuning and second.tuning_source == "cached"
     second.close()
+
+
+def test_a_variant_timer_measures_the_real_kernel(tiny_llama, backend):
+    e = Engine.load(tiny_llama, backend, context_length=64, tune=False)
+    w = max((w for w in e.weights.values() if w.rows > 1 and w.qtype != "F32"), key=lambda w: w.nbytes)
+    times = asyncio.run(tuning.measure_variants(e, w, tuning.space(backend), rounds=2))
+    assert len(times) == len(tuning.space(backend)) and all(0 < t < 1 for t in times)
+    e.close()
 
 
 def test_every_variant_gives_the_same_logits(tiny_llama, backend):

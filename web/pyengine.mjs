@@ -138,7 +138,8 @@ export class Engine {
 // download: { concurrency, attempts, backoffMs, stallMs } tunes how shards are fetched.
 // onBusy: "queue" (default) runs requests that arrive together one after another, in order;
 // "reject" fails a request made while another runs.
-// gpuMemoryLimit: bytes of GPU memory the model may use; one needing more fails before it downloads to the GPU.
+// gpuMemoryLimit: bytes of GPU memory the model may use; one needing more fails before any weight reaches the
+// GPU, and its download stops there.
 export async function createEngine({ model, onProgress, contextLength, chatTemplate, download, onBusy = "queue",
                                      gpuMemoryLimit, _faults } = {}) {
   if (typeof model !== "string" || !model) {

@@ -85,10 +85,95 @@ function withLock(id, mode, fn) {
   return fn();
 }
 
+const STOPPED = "the download stopped because the load failed";
 const MB = (n) => `${(n / 1e6).toFixed(1)} MB`;
 
+// The hand-over between a download and the upload that runs beside it: shards arrive in any order,
+// the upload takes them in file order, and no more than `window` of them are downloading or waiting
+// to be taken at once. A shard the upload has gone past is not kept (it is stored: a later read of
+// it comes from IndexedDB).
+class ShardPipe {
+  constructor(window) {
+    this.window = Math.max(1, window);
+    this.slots = new Map();      // index -> {promise, resolve, reject, data, state}
+    this.frontier = -1;          // the highest index the upload has asked for
+    this.held = 0;               // shards downloading or waiting to be taken
+    this.wakers = [];
+    this.stopped = false;
+    this.finished = false;
+    this.error = null;
+    this.ready = new Promise((ok, bad) => { this._opened = ok; this._refused = bad; });
+    this.ready.catch(() => {});
+  }
+
+  // The shards to download: the upload waits for this list before it asks for any shard.
+  open(indices) {
+    for (const i of indices) {
+      const slot = { state: "waiting", data: null };
+      slot.promise = new Promise((ok, bad) => { slot.resolve = ok; slot.reject = bad; });
+      slot.promise.catch(() => {});
+      this.slots.set(i, slot);
+    }
+    this._opened();
+  }
+
+  // Waits until one more shard may be downloaded, then counts it.
+  async room() {
+    while (this.held >= this.window && !this.stopped && !this.error && !this.finished) {
+      await new Promise((wake) => this.wakers.push(wake));
+    }
+    this.held += 1;
+  }
+
+  unroom() { this.held -= 1; this._wake(); }
+
+  _wake() { for (const w of this.wakers.splice(0)) w(); }
+
+  _free(slot) {
+    slot.data = null;
+    if (slot.state === "arrived") { this.held -= 1; slot.state = "gone"; this._wake(); }
+  }
+
+  arrived(i, data) {
+    const slot = this.slots.get(i);
+    slot.state = "arrived";
+    slot.data = data;
+    slot.resolve();
+    if (i < this.frontier || this.finished) this._free(slot);
+  }
+
+  // The bytes of shard i if it is (or is about to be) a fresh download, else null.
+  async take(i) {
+    await this.ready;
+    this.frontier = Math.max(this.frontier, i);
+    for (const [j, slot] of this.slots) if (j < i) this._free(slot);
+    const slot = this.slots.get(i);
+    if (!slot || slot.state === "gone") return null;
+    await slot.promise;
+    const data = slot.data;
+    this._free(slot);
+    return data;
+  }
+
+  fail(e) {
+    this.error = e;
+    this._refused(e);
+    for (const slot of this.slots.values()) if (slot.state === "waiting") slot.reject(e);
+    this._wake();
+  }
+
+  stop() { this.stopped = true; this._wake(); }
+
+  // The upload is done: what is left downloads (to be stored) without waiting for it.
+  finish() {
+    this.finished = true;
+    for (const slot of this.slots.values()) this._free(slot);
+    this._wake();
+  }
+}
+
 export class ShardStore {
-  constructor(manifestUrl, manifest, { concurrency = 3, fetchImpl, attempts = 4, backoffMs = 500,
+  constructor(manifestUrl, manifest, { concurrency = 2, fetchImpl, attempts = 4, backoffMs = 500,
                                        stallMs = 30000 } = {}) {
     this.url = manifestUrl;
     this.manifest = checkManifest(manifest);
@@ -139,6 +224,39 @@ export class ShardStore {
   // Runs fn while holding this model's lock in shared mode (reading shards to upload them).
   reading(fn) { return withLock(this.id, "shared", fn); }
 
+  // Downloads what is missing and runs `use` (the upload to the GPU, which reads the shards in order
+  // through shardBytes) at the same time: each shard goes to the GPU as soon as it is verified and
+  // stored, while the next ones download. At most `concurrency` shards are in memory besides the
+  // one being uploaded. Resolves to use's result once every shard is stored; a failed download fails
+  // the upload that waits for it, and a failed upload starts no new download.
+  async load(onProgress, use) {
+    const have = await this.storedIndices();
+    if (have.size === this.manifest.shards.length) {
+      await this._ensure(onProgress);            // reports everything as done, fetches nothing
+      return { fetched: 0, result: await this.reading(use) };
+    }
+    const r = await withLock(this.id, "exclusive", async () => {
+      const pipe = this.pipe = new ShardPipe(this.concurrency);
+      const download = this._ensure(onProgress, pipe).catch((e) => { pipe.fail(e); throw e; });
+      download.catch(() => {});
+      let result;
+      try {
+        result = await use();
+      } catch (e) {
+        pipe.stop();
+        const d = await download.then(() => null, (err) => err);
+        throw d && d.message !== STOPPED ? d : e;   // a download that failed is the cause to report
+      } finally {
+        this.pipe = null;
+      }
+      pipe.finish();
+      const { fetched } = await download;
+      return { fetched, result };
+    });
+    r.removed = await this._dropStaleVersions();
+    return r;
+  }
+
   async _dropStaleVersions() {
     const db = await openDB();
     const models = await req(db.transaction("models", "readonly").objectStore("models").getAll());
@@ -147,7 +265,7 @@ export class ShardStore {
     return stale;
   }
 
-  async _ensure(onProgress) {
+  async _ensure(onProgress, pipe = null) {
     const shards = this.manifest.shards;
     const have = await this.storedIndices();
     const missing = shards.map((s, i) => i).filter((i) => !have.has(i));
@@ -156,6 +274,7 @@ export class ShardStore {
     let count = have.size;
     const report = (phase) => onProgress({ phase, loadedBytes: loaded, totalBytes: total, shardsDone: count, shardsTotal: shards.length });
     report("download");
+    if (pipe) pipe.open(missing);
     if (!missing.length) return { fetched: 0 };
     const need = missing.reduce((a, i) => a + shards[i].size, 0);
     if (navigator.storage && navigator.storage.estimate) {
@@ -169,9 +288,16 @@ export class ShardStore {
     let next = 0;
     let failed = false;
     const worker = async () => {
-      while (next < missing.length && !failed) {
+      for (;;) {
+        if (pipe) await pipe.room();      // no more shards in memory than the upload lets through
+        if (next >= missing.length || failed || (pipe && pipe.stopped)) {
+          if (pipe) pipe.unroom();
+          return;
+        }
         const i = missing[next++];
-        await this._store(i, await this._fetchShard(i));
+        const data = await this._fetchShard(i);
+        await this._store(i, data);
+        if (pipe) pipe.arrived(i, data);
         loaded += shards[i].size;
         count += 1;
         report("download");
@@ -179,9 +305,14 @@ export class ShardStore {
     };
     // on a failure no new shard starts, the ones in flight finish and stay stored for the next attempt
     const results = await Promise.allSettled(Array.from({ length: Math.min(this.concurrency, missing.length) },
-      () => worker().catch((e) => { failed = true; throw e; })));
+      () => worker().catch((e) => {
+        failed = true;
+        if (pipe) pipe.fail(e);      // the upload waiting for a shard, and workers waiting for room, end now
+        throw e;
+      })));
     const bad = results.find((r) => r.status === "rejected");
     if (bad) throw bad.reason;
+    if (pipe && pipe.stopped) throw new Error(STOPPED);
     await this._putModel(true);
     return { fetched: missing.length };
   }
@@ -210,8 +341,7 @@ export class ShardStore {
       if (attempt) await new Promise((r) => setTimeout(r, this.backoffMs * 2 ** (attempt - 1)));
       try {
         this.requests++;
-        const data = await this._download(url);
-        if (data.byteLength !== s.size) throw new Error(`got ${data.byteLength} bytes, expected ${s.size}`);
+        const data = await this._download(url, s.size);
         if ((await sha256Hex(data)) !== s.sha256) throw new Error("its sha256 does not match the manifest");
         return data;
       } catch (e) {
@@ -221,28 +351,36 @@ export class ShardStore {
     throw new Error(`shard ${s.file} could not be downloaded after ${this.attempts} attempts: ${last && last.message}`);
   }
 
-  // The body, failing when no byte arrives for stallMs (a stalled connection never ends by itself).
-  async _download(url) {
+  // The body, `size` bytes read straight into one buffer, failing when no byte arrives for stallMs
+  // (a stalled connection never ends by itself) or when the body is not `size` bytes long.
+  async _download(url, size) {
     const ctl = new AbortController();
     let timer = setTimeout(() => ctl.abort(), this.stallMs);
+    const wrongSize = (n) => new Error(`got ${n} bytes, expected ${size}`);
     try {
       const res = await this.fetch(url, { signal: ctl.signal });
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
-      if (!res.body) return await res.arrayBuffer();
+      if (!res.body) {
+        const data = await res.arrayBuffer();
+        if (data.byteLength !== size) throw wrongSize(data.byteLength);
+        return data;
+      }
       const reader = res.body.getReader();
-      const parts = [];
+      const out = new Uint8Array(size);
       let n = 0;
       for (;;) {
         clearTimeout(timer);
         timer = setTimeout(() => ctl.abort(), this.stallMs);
         const { done: end, value } = await reader.read();
         if (end) break;
-        parts.push(value);
+        if (n + value.byteLength > size) {
+          reader.cancel().catch(() => {});
+          throw new Error(`got more than ${size} bytes, expected ${size}`);
+        }
+        out.set(value, n);
         n += value.byteLength;
       }
-      const out = new Uint8Array(n);
-      let o = 0;
-      for (const p of parts) { out.set(p, o); o += p.byteLength; }
+      if (n !== size) throw wrongSize(n);
       return out.buffer;
     } catch (e) {
       if (ctl.signal.aborted) throw new Error(`no data for ${this.stallMs / 1000} s`);
@@ -255,6 +393,11 @@ export class ShardStore {
   async shardBytes(i) {
     if (this.current && this.current.index === i) return this.current.bytes;
     this.current = null;
+    const fresh = this.pipe && await this.pipe.take(i);    // just downloaded and verified
+    if (fresh) {
+      this.current = { index: i, bytes: new Uint8Array(fresh) };
+      return this.current.bytes;
+    }
     const db = await openDB();
     const tx = db.transaction("shards", "readonly");
     const rec = await req(tx.objectStore("shards").get([this.id, i]));
@@ -279,8 +422,9 @@ export class ShardStore {
 
   header() { return this.shardBytes(0); }
 
-  // Copies file bytes [offset, offset + n) into GPU buffer `bufId` through the replayer.
-  async writeTensor(replayer, bufId, offset, n) {
+  // Copies file bytes [offset, offset + n) into GPU buffer `bufId` through the replayer;
+  // onWritten(bytes) after each shard's part.
+  async writeTensor(replayer, bufId, offset, n, onWritten = () => {}) {
     const shards = this.manifest.shards;
     let dst = 0;
     for (let i = 0; i < shards.length && n > 0; i++) {
@@ -290,6 +434,7 @@ export class ShardStore {
       const start = offset - s.offset;
       const len = Math.min(n, s.size - start);
       replayer.writeBytes(bufId, dst, bytes, start, len);
+      onWritten(len);
       dst += len;
       offset += len;
       n -= len;

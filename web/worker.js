@@ -30,37 +30,52 @@ async function load(id, { model, contextLength, chatTemplate, download, faults, 
   if (replayer) replayer.destroyAll();
   replayer = null;
   const store = await ShardStore.open(model, download || {});
-  const progress = (p) => reply(id, "progress", p);
   const t0 = performance.now();
-  const { fetched } = await store.ensure(progress);
-  const t1 = performance.now();
   const { device, info, features } = await openDevice();
   replayer = new Replayer(device, info, features);
   if (faults && Number.isInteger(faults.failBufferAfter)) injectAllocationFailure(replayer, faults.failBufferAfter);
   self.pyengineGPU = replayer;
   const total = store.manifest.model.size;
+  const shardsTotal = store.manifest.shards.length;
+  // Progress: "download" while shards are fetched (the upload runs beside it and its bytes come as
+  // uploadedBytes), then "upload" for what is left to move to the GPU.
   let uploaded = 0;
-  const sink = {
-    writeTensor: async (bufId, offset, n) => {
-      await store.writeTensor(replayer, bufId, offset, n);
-      uploaded += n;
-      progress({ phase: "upload", loadedBytes: uploaded, totalBytes: total,
-                 shardsDone: store.manifest.shards.length, shardsTotal: store.manifest.shards.length });
-    },
+  let fetching = null;
+  let t1 = t0;
+  const downloadProgress = (p) => {
+    fetching = p.shardsDone < p.shardsTotal ? p : null;
+    if (!fetching) t1 = performance.now();
+    reply(id, "progress", { ...p, uploadedBytes: uploaded });
   };
-  const header = await store.header();
+  const sink = {
+    writeTensor: (bufId, offset, n) => store.writeTensor(replayer, bufId, offset, n, (len) => {
+      uploaded += len;
+      reply(id, "progress", fetching ? { ...fetching, uploadedBytes: uploaded }
+        : { phase: "upload", loadedBytes: uploaded, totalBytes: total, shardsDone: shardsTotal, shardsTotal });
+    }),
+  };
+  // the GPU memory the model needs, stated before any weight is uploaded
+  const plan = (p) => reply(id, "progress", { phase: "plan", gpuBytesNeeded: JSON.parse(p), loadedBytes: 0,
+                                              totalBytes: total, shardsDone: shardsTotal, shardsTotal });
+  const tuningCache = (await getSetting("tuning").catch(() => undefined)) || {};
   // allocation failures and invalid use are reported asynchronously by WebGPU: catch them
   // here, so that a model that did not fully reach the GPU is never used
   device.pushErrorScope("out-of-memory");
   device.pushErrorScope("validation");
-  // under a shared lock: a tab deleting this model waits until the weights are on the GPU
-  // the GPU memory the model needs, stated before any weight is uploaded
-  const plan = (p) => progress({ phase: "plan", gpuBytesNeeded: JSON.parse(p), loadedBytes: 0, totalBytes: total,
-                                 shardsDone: store.manifest.shards.length, shardsTotal: store.manifest.shards.length });
-  const tuningCache = (await getSetting("tuning").catch(() => undefined)) || {};
-  const text = await store.reading(() => session.load(JSON.stringify(store.manifest), header, sink,
-    JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null,
-                     gpuMemoryLimit: gpuMemoryLimit ?? null, tuningCache }), plan));
+  // Shards go to the GPU while the next ones download (a second visit reads them from IndexedDB).
+  // The store holds the model's lock meanwhile: a tab deleting it waits until the weights are on the GPU.
+  const { fetched, result: text } = await store.load(downloadProgress, async () => {
+    const header = await store.header();
+    const out = await session.load(JSON.stringify(store.manifest), header, sink,
+      JSON.stringify({ contextLength: contextLength ?? null, chatTemplate: chatTemplate ?? null,
+                       gpuMemoryLimit: gpuMemoryLimit ?? null, tuningCache }), plan);
+    fail(out);          // a refused model stops the download too
+    return out;
+  }).catch(async (e) => {
+    await device.popErrorScope().catch(() => {});
+    await device.popErrorScope().catch(() => {});
+    throw e;
+  });
   store.release();
   const invalid = await device.popErrorScope();
   const oom = await device.popErrorScope();
