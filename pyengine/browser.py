@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from . import api, tuning
+from . import api
 from .engine import Engine
 from .errors import PyEngineError, RequestError
 from .shards import read_manifest_header
@@ -57,11 +57,10 @@ class Session:
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise RequestError("gpuMemoryLimit", f"must be a positive number of bytes, got {limit!r}")
             backend = BrowserBackend()
-            key = tuning.adapter_key(backend)
             self.engine = await Engine.create(
                 gguf, ShardWeights(store), backend, context_length=ctx,
                 chat_template=opts.get("chatTemplate"), gpu_memory_limit=limit,
-                tuning=(opts.get("tuningCache") or {}).get(key),
+                tuning_cache=opts.get("tuningCache") if isinstance(opts.get("tuningCache"), dict) else None,
                 on_plan=(lambda plan: on_plan(json.dumps(plan))) if on_plan is not None else None)
             self.model_name = manifest["model"]["name"]
             return json.dumps({
@@ -69,7 +68,8 @@ class Session:
                 "contextLength": self.engine.context_length,
                 "gpuBytes": self.engine.backend.bytes_allocated,
                 "gpuBytesNeeded": self.engine.memory,
-                "tuning": {"key": key, "choice": self.engine.tuning, "source": self.engine.tuning_source},
+                "tuning": {"key": self.engine.tuning_key, "choice": self.engine.tuning,
+                           "source": self.engine.tuning_source},
                 "uploadSeconds": time.perf_counter() - t0,
                 "loadTimes": {k: round(v, 3) for k, v in self.engine.load_times.items()},
                 "adapter": self.engine.backend.adapter_info,

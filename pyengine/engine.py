@@ -211,7 +211,7 @@ class Engine:
     def __init__(self, gguf: GGUFFile, backend, context_length: int | None = None,
                  kv_f16: bool = False, chat_template: str | None = None, max_chunk: int = MAX_CHUNK,
                  on_busy: str = "queue", gpu_memory_limit: int | None = None, tuning: dict | None = None,
-                 tune: bool = True):
+                 tuning_cache: dict | None = None, tune: bool = True):
         if on_busy not in ("queue", "reject"):
             raise PyEngineError(f"on_busy must be 'queue' or 'reject', got {on_busy!r}")
         self.on_busy = on_busy
@@ -235,8 +235,9 @@ class Engine:
         self.backend = backend
         self.kernels = Kernels(backend)
         self.kv_f16 = kv_f16
-        self._tuning_cached, self._tune = tuning, tune
-        self.tuning, self.tuning_source = {}, "default"
+        # tuning: kernel variants to use as they are; tuning_cache: earlier measurements by key
+        self._tuning_given, self._tuning_cache, self._tune = tuning, tuning_cache or {}, tune
+        self.tuning, self.tuning_source, self.tuning_key = {}, "default", None
         self._check_tensors(cls)
         self.memory = self._check_memory(gpu_memory_limit)
         self.weights: dict = {}
@@ -295,9 +296,10 @@ class Engine:
         self.weights = await self._upload(source)
         t1 = time.perf_counter()
         if self._tune:
-            self.tuning, self.tuning_source = await autotune.tune(self, self._tuning_cached)
+            self.tuning, self.tuning_source, self.tuning_key = await autotune.tune(
+                self, self._tuning_given, self._tuning_cache)
         else:
-            self.tuning = self._tuning_cached or autotune.defaults(self.backend)
+            self.tuning = self._tuning_given or autotune.defaults(self.backend)
         t2 = time.perf_counter()
         self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)
@@ -316,11 +318,11 @@ class Engine:
         owned = isinstance(backend, str)
         be = open_backend(backend) if owned else backend
         src = FileWeights(path)
-        options.setdefault("tuning", autotune.load_native(be))
+        options.setdefault("tuning_cache", autotune.load_native())
         try:
             engine = await cls.create(gguf, src, be, **options)
             if engine.tuning_source == "measured":
-                autotune.save_native(be, engine.tuning)
+                autotune.save_native(engine.tuning_key, engine.tuning)
             return engine
         except BaseException:
             if owned:

@@ -1,10 +1,11 @@
-"""Kernel variants chosen per adapter: a small space, timed once on first load, cached by adapter.
+"""Kernel variants chosen per adapter and weight shape: a small space, timed once, then cached.
 
 Decode spends most of its time in the mat-vec, and its best shape differs between adapters:
 CPU adapters (lavapipe, SwiftShader) want several rows per invocation (the activations are
 read once for them all), GPUs want many invocations. The first load on an adapter times each
 variant on one of the model's own weights and keeps the fastest; the result is cached (a JSON
-file natively, IndexedDB in the browser) under the adapter's name, so later loads skip it.
+file natively, IndexedDB in the browser) under the adapter's name and the shape of the weight
+it was timed on, so later loads of a model of that shape skip it.
 Where nothing was measured, DEFAULTS applies.
 """
 
@@ -21,7 +22,7 @@ SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "w
 SUBGROUP_SPACE = {"matvec": [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
                              {"rows": 2, "wg": 32, "xshare": True, "unpack": True}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
-VERSION = 3      # a change to the kernels or the space makes older measurements stale
+VERSION = 4      # a change to the kernels or the space makes older measurements stale
 
 
 def space(backend) -> list[dict]:
@@ -82,18 +83,40 @@ async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5
     return best
 
 
-async def tune(engine, cached: dict | None) -> tuple[dict, str]:
-    """The variants for this engine's adapter: (choice, how: "cached" | "measured" | "default")."""
-    if cached:
-        return cached, "cached"
-    mats = [w for w in engine.weights.values() if w.rows > 1 and len(w.parts) == 1 and w.qtype != "F32"]
+def tuning_weight(engine):
+    """The weight to time the variants on: the widest layer weight of the quant type that holds most
+    of the model's bytes (the vocabulary-sized head is one mat-vec a token; the layers are the rest)."""
+    mats = [w for w in engine.weights.values()
+            if w.rows > 1 and len(w.parts) == 1 and w.qtype != "F32" and w.rows != engine.args.vocab_size]
     if not mats:
-        return defaults(engine.backend), "default"
-    weight = max(mats, key=lambda w: w.nbytes if w.rows < 65536 else 0)    # a layer's widest, not the head
+        return None
+    by_type: dict[str, int] = {}
+    for w in mats:
+        by_type[w.qtype] = by_type.get(w.qtype, 0) + w.nbytes
+    main = max(by_type, key=by_type.get)
+    return max((w for w in mats if w.qtype == main), key=lambda w: w.nbytes)
+
+
+def choice_key(backend, weight) -> str:
+    """The cache key of a measurement: the adapter and the shape of the weight it was timed on
+    (the best variant for a 64-wide test model is not the best for a 2048-wide layer)."""
+    return f"{adapter_key(backend)}:{weight.qtype}:{weight.rows}x{weight.cols}"
+
+
+async def tune(engine, given: dict | None = None, cache: dict | None = None) -> tuple[dict, str, str | None]:
+    """The variants for this engine: (choice, how: "given" | "cached" | "measured" | "default", cache key)."""
+    if given:
+        return given, "given", None
+    weight = tuning_weight(engine)
+    if weight is None:
+        return defaults(engine.backend), "default", None
+    key = choice_key(engine.backend, weight)
+    if cache and isinstance(cache.get(key), dict):
+        return cache[key], "cached", key
     variants = space(engine.backend)
     times = await measure_variants(engine, weight, variants)
     best = variants[times.index(min(times))]
-    return {"matvec": dict(best)}, "measured"
+    return {"matvec": dict(best)}, "measured", key
 
 
 # -- the native cache: a JSON file in the cache folder -------------------------------------------------
@@ -104,22 +127,20 @@ def _cache_file() -> str:
     return os.path.join(cache_dir(), "tuning.json")
 
 
-def load_native(backend) -> dict | None:
+def load_native() -> dict:
+    """Every measurement kept on this machine, by choice_key."""
     try:
         with open(_cache_file()) as f:
-            return json.load(f).get(adapter_key(backend))
-    except (OSError, ValueError):
-        return None
-
-
-def save_native(backend, choice: dict) -> None:
-    path = _cache_file()
-    try:
-        with open(path) as f:
             data = json.load(f)
+        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
-        data = {}
-    data[adapter_key(backend)] = choice
+        return {}
+
+
+def save_native(key: str, choice: dict) -> None:
+    path = _cache_file()
+    data = {k: v for k, v in load_native().items() if k.startswith(f"v{VERSION}:")}    # older ones are stale
+    data[key] = choice
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.part"
     with open(tmp, "w") as f:

@@ -35,10 +35,11 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
     monkeypatch.setattr(tuning, "matvec_timer", fake)
     first = Engine.load(tiny_llama, backend, context_length=64)
     assert first.tuning == {"matvec": fast} and first.tuning_source == "measured"
+    assert first.tuning_key.startswith(tuning.adapter_key(backend) + ":")      # and the weight's shape
     assert built == tuning.space(backend)
     assert calls == tuning.space(backend) * 5          # the variants take turns, round after round
     assert any('"rows": 2' in key[1] for key in first.kernels._pipelines if key[0] == "matvec")
-    assert json.loads(cache.read_text())[tuning.adapter_key(backend)] == first.tuning
+    assert json.loads(cache.read_text())[first.tuning_key] == first.tuning
     first.close()
 
     async def never(*a, **k):
@@ -48,6 +49,16 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
     second = Engine.load(tiny_llama, backend, context_length=64)
     assert second.tuning == first.tuning and second.tuning_source == "cached"
     second.close()
+
+
+def test_a_model_of_another_shape_is_measured_for_itself(tiny_llama, backend, cache, monkeypatch):
+    weight = type("W", (), {"qtype": "Q4_1", "rows": 1536, "cols": 576})
+    other = tuning.choice_key(backend, weight)
+    cache.write_text(json.dumps({other: {"matvec": {"rows": 1, "wg": 64}}}))
+    e = Engine.load(tiny_llama, backend, context_length=64)
+    assert e.tuning_source == "measured" and e.tuning_key != other
+    assert set(json.loads(cache.read_text())) == {other, e.tuning_key}     # both kept
+    e.close()
 
 
 def test_a_variant_timer_measures_the_real_kernel(tiny_llama, backend):
@@ -78,3 +89,17 @@ def test_defaults_tell_cpu_adapters_from_gpus(backend):
     gpu.adapter_info = {"vendor": "nvidia", "architecture": "hopper", "device": "H100", "description": ""}
     assert tuning.defaults(cpu)["matvec"]["rows"] > 1 and tuning.defaults(gpu)["matvec"]["rows"] == 1
     assert tuning.defaults(backend)["matvec"]["rows"] > 1          # lavapipe
+
+
+def test_variants_are_timed_on_a_layer_weight_of_the_main_quant_type():
+    def w(qtype, rows, cols, nbytes):
+        return type("W", (), {"qtype": qtype, "rows": rows, "cols": cols, "nbytes": nbytes, "parts": [0]})
+
+    head = w("Q8_0", 49152, 576, 30_000_000)          # the largest, but one mat-vec a token
+    layers = {f"blk.{i}.{n}": w("Q4_1", r, c, r * c * 5 // 8) for i in range(30)
+              for n, r, c in [("ffn_down", 576, 1536), ("ffn_up", 1536, 576), ("attn_q", 576, 576)]}
+    odd = w("Q6_K", 2048, 2048, 3_400_000)            # the widest single weight, of a minor type
+    engine = type("E", (), {"weights": {"token_embd.weight": head, "x": odd, **layers},
+                            "args": type("A", (), {"vocab_size": 49152})})
+    chosen = tuning.tuning_weight(engine)
+    assert chosen.qtype == "Q4_1" and chosen.rows * chosen.cols == 576 * 1536
