@@ -47,12 +47,14 @@ mutation = st.tuples(st.sampled_from(["flip", "cut", "set64", "insert"]), st.int
 @example([("set64", 16, 0, 1 << 61)])
 @example([("set64", 8, 0, 1 << 62)])
 @example([("set64", 24, 0, (1 << 64) - 1)])
+@example([("cut", 0, 0, 0), ("flip", 0, 0, 0)])       # nothing left to flip
 def test_mutated_headers_fail_cleanly(seed_file, mutations):
     d = bytearray(seed_file)
     for kind, pos, byte, big in mutations:
         pos %= max(1, len(d))
         if kind == "flip":
-            d[pos] ^= 1 << (byte % 8)
+            if d:
+                d[pos] ^= 1 << (byte % 8)
         elif kind == "cut":
             del d[pos:]
         elif kind == "set64":
