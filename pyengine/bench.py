@@ -111,7 +111,7 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
                     profile=True):
     """Natively: cold load (the first in this process: pipelines compile), warm loads, then prefill,
     decode and time to first token over `runs` generations (after one that builds the prefill plan)."""
-    loads, parts = [], []
+    loads = []
     engine = None
     for _ in range(runs + 1):
         if engine is not None:
@@ -121,7 +121,8 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
         t0 = time.perf_counter()
         engine = await Engine.open(model_path, backend, context_length=context)
         loads.append(time.perf_counter() - t0)
-        parts.append(engine.load_times)
+        if len(loads) == 1:
+            cold_parts = engine.load_times
     prompt = bench_prompt(engine.tokenizer, prompt_tokens)
     prefill, decode, ttft = [], [], []
     for i in range(runs + 1):
@@ -138,7 +139,7 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
         "runs": runs,
         "cold_load_s": round(loads[0], 3),
         "warm_load_s": round(med(loads[1:]), 3),
-        "cold_load_parts_s": {k: round(v, 3) for k, v in parts[0].items()},
+        "cold_load_parts_s": {k: round(v, 3) for k, v in cold_parts.items()},
         "prompt_tokens": len(prompt),
         "prefill_tok_s": round(med(prefill), 2),
         "time_to_first_token_s": round(med(ttft), 3),

@@ -251,8 +251,8 @@ async def cmd_bench(a):
                                          gen_tokens=a.gen_tokens, dist=a.dist, build=a.build or bool(a.synthetic),
                                          profile=not a.no_profile)
     else:
-        a.model = model
-        result = await run_bench(_model_path(a), _native_backend(a), runs=a.runs, prompt_tokens=a.prompt_tokens,
+        path = model if a.synthetic else _model_path(a)
+        result = await run_bench(path, _native_backend(a), runs=a.runs, prompt_tokens=a.prompt_tokens,
                                  gen_tokens=a.gen_tokens, context=a.context, profile=not a.no_profile)
     print(json.dumps(result, indent=2))
 

@@ -213,13 +213,8 @@ export class ShardStore {
     await done(tx);
   }
 
-  // Fetches, verifies and stores every shard not already stored; onProgress gets bytes and shards done.
-  // Then removes older versions of the model from the same manifest URL: an upgrade replaces them.
-  async ensure(onProgress = () => {}) {
-    const r = await withLock(this.id, "exclusive", () => this._ensure(onProgress));
-    r.removed = await this._dropStaleVersions();
-    return r;
-  }
+  // Fetches, verifies and stores every shard not already stored, with nothing to upload: load() alone.
+  ensure(onProgress = () => {}) { return this.load(onProgress, async () => undefined); }
 
   // Runs fn while holding this model's lock in shared mode (reading shards to upload them).
   reading(fn) { return withLock(this.id, "shared", fn); }
@@ -228,33 +223,40 @@ export class ShardStore {
   // through shardBytes) at the same time: each shard goes to the GPU as soon as it is verified and
   // stored, while the next ones download. At most `concurrency` shards are in memory besides the
   // one being uploaded. Resolves to use's result once every shard is stored; a failed download fails
-  // the upload that waits for it, and a failed upload starts no new download.
+  // the upload that waits for it, and a failed upload starts no new download. onProgress gets bytes
+  // and shards done. Then removes older versions of the model from the same manifest URL: an upgrade
+  // replaces them.
   async load(onProgress, use) {
-    const have = await this.storedIndices();
-    if (have.size === this.manifest.shards.length) {
-      await this._ensure(onProgress);            // reports everything as done, fetches nothing
-      return { fetched: 0, result: await this.reading(use) };
-    }
-    const r = await withLock(this.id, "exclusive", async () => {
-      const pipe = this.pipe = new ShardPipe(this.concurrency);
-      const download = this._ensure(onProgress, pipe).catch((e) => { pipe.fail(e); throw e; });
-      download.catch(() => {});
-      let result;
-      try {
-        result = await use();
-      } catch (e) {
-        pipe.stop();
-        const d = await download.then(() => null, (err) => err);
-        throw d && d.message !== STOPPED ? d : e;   // a download that failed is the cause to report
-      } finally {
-        this.pipe = null;
-      }
-      pipe.finish();
-      const { fetched } = await download;
-      return { fetched, result };
-    });
+    const stored = (await this.storedIndices()).size === this.manifest.shards.length;
+    const r = stored ? await this._loadStored(onProgress, use)
+      : await withLock(this.id, "exclusive", () => this._loadDownloading(onProgress, use));
     r.removed = await this._dropStaleVersions();
     return r;
+  }
+
+  async _loadStored(onProgress, use) {
+    const n = this.manifest.shards.length, size = this.manifest.model.size;
+    onProgress({ phase: "download", loadedBytes: size, totalBytes: size, shardsDone: n, shardsTotal: n });
+    return { fetched: 0, result: await this.reading(use) };
+  }
+
+  async _loadDownloading(onProgress, use) {
+    const pipe = this.pipe = new ShardPipe(this.concurrency);
+    const download = this._fetchMissing(onProgress, pipe).catch((e) => { pipe.fail(e); throw e; });
+    download.catch(() => {});
+    let result;
+    try {
+      result = await use();
+    } catch (e) {
+      pipe.stop();
+      const d = await download.then(() => null, (err) => err);
+      throw d && d.message !== STOPPED ? d : e;   // a download that failed is the cause to report
+    } finally {
+      this.pipe = null;
+    }
+    pipe.finish();
+    const { fetched } = await download;
+    return { fetched, result };
   }
 
   async _dropStaleVersions() {
@@ -265,16 +267,17 @@ export class ShardStore {
     return stale;
   }
 
-  async _ensure(onProgress, pipe = null) {
+  // Fetches, verifies and stores the shards not stored yet, handing each to `pipe`.
+  async _fetchMissing(onProgress, pipe) {
     const shards = this.manifest.shards;
     const have = await this.storedIndices();
     const missing = shards.map((s, i) => i).filter((i) => !have.has(i));
     const total = shards.reduce((a, s) => a + s.size, 0);
     let loaded = shards.reduce((a, s, i) => a + (have.has(i) ? s.size : 0), 0);
     let count = have.size;
-    const report = (phase) => onProgress({ phase, loadedBytes: loaded, totalBytes: total, shardsDone: count, shardsTotal: shards.length });
-    report("download");
-    if (pipe) pipe.open(missing);
+    const report = () => onProgress({ phase: "download", loadedBytes: loaded, totalBytes: total, shardsDone: count, shardsTotal: shards.length });
+    report();
+    pipe.open(missing);
     if (!missing.length) return { fetched: 0 };
     const need = missing.reduce((a, i) => a + shards[i].size, 0);
     if (navigator.storage && navigator.storage.estimate) {
@@ -289,30 +292,30 @@ export class ShardStore {
     let failed = false;
     const worker = async () => {
       for (;;) {
-        if (pipe) await pipe.room();      // no more shards in memory than the upload lets through
-        if (next >= missing.length || failed || (pipe && pipe.stopped)) {
-          if (pipe) pipe.unroom();
+        await pipe.room();      // no more shards in memory than the upload lets through
+        if (next >= missing.length || failed || pipe.stopped) {
+          pipe.unroom();
           return;
         }
         const i = missing[next++];
         const data = await this._fetchShard(i);
         await this._store(i, data);
-        if (pipe) pipe.arrived(i, data);
+        pipe.arrived(i, data);
         loaded += shards[i].size;
         count += 1;
-        report("download");
+        report();
       }
     };
     // on a failure no new shard starts, the ones in flight finish and stay stored for the next attempt
     const results = await Promise.allSettled(Array.from({ length: Math.min(this.concurrency, missing.length) },
       () => worker().catch((e) => {
         failed = true;
-        if (pipe) pipe.fail(e);      // the upload waiting for a shard, and workers waiting for room, end now
+        pipe.fail(e);      // the upload waiting for a shard, and workers waiting for room, end now
         throw e;
       })));
     const bad = results.find((r) => r.status === "rejected");
     if (bad) throw bad.reason;
-    if (pipe && pipe.stopped) throw new Error(STOPPED);
+    if (pipe.stopped) throw new Error(STOPPED);
     await this._putModel(true);
     return { fetched: missing.length };
   }
