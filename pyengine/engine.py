@@ -299,7 +299,8 @@ class Engine:
             self.tuning, self.tuning_source, self.tuning_key = await autotune.tune(
                 self, self._tuning_given, self._tuning_cache)
         else:
-            self.tuning = self._tuning_given or autotune.defaults(self.backend)
+            self.tuning = self._tuning_given or {**autotune.defaults(self.backend),
+                                                 "matmul": await autotune.matmul_choice(self)}
         t2 = time.perf_counter()
         self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)

@@ -152,11 +152,20 @@ class GraphBuilder:
             self._matvec(w, x, out.buffer, epilogue, bias=bias)
             return out
         k = w.cols
+        params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None)
+        if params.get("xshare"):
+            for row0, rows, buf in w.parts:
+                binds = self._words({0: buf, 1: x.buffer, 2: out.buffer, 3: self._step()}, w, 6, buf)
+                if bias is not None:
+                    binds[5] = bias.buffer
+                groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
+                self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}, binds,
+                               groups, f"matmul {w.name}")
+            return out
         t = self.k.matmul_tile(k)
         uniform = t > 0
         t = t or 8
-        params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, t=t, x_uniform=uniform,
-                                bias=bias is not None)
+        params.update(t=t, x_uniform=uniform)
         for row0, rows, buf in w.parts:
             groups = -(-rows // params["wg"])
             for i in range(-(-x.rows // t)):

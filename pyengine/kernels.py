@@ -30,7 +30,7 @@ TOPK_MERGE = 16     # records per workgroup in the later passes
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
     "matvec": {"wg": 32, "rows": 4, "xshare": False, "unpack": False},
-    "matmul": {"wg": 64},
+    "matmul": {"wg": 64, "xshare": False},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64},
 }

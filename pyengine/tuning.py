@@ -7,6 +7,10 @@ variant on one of the model's own weights and keeps the fastest; the result is c
 file natively, IndexedDB in the browser) under the adapter's name and the shape of the weight
 it was timed on, so later loads of a model of that shape skip it.
 Where nothing was measured, DEFAULTS applies.
+
+The prefill mat-mat is chosen by rule, not timed: where subgroups hold at least 8 lanes on a CPU
+adapter (lavapipe), activations are shared by subgroup broadcasts (`xshare`), 4x faster there
+than the tiled kernel; elsewhere (SwiftShader's 4 lanes, where it is slower; GPUs) the tiled one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import time
 
+from .gpu import Binding, Dispatch
 from .graph import GraphBuilder
 
 SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "wg": 32}]}
@@ -22,7 +27,8 @@ SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "w
 SUBGROUP_SPACE = {"matvec": [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
                              {"rows": 2, "wg": 32, "xshare": True, "unpack": True}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
-VERSION = 4      # a change to the kernels or the space makes older measurements stale
+MATMUL_XSHARE = {"wg": 64, "xshare": True, "rows": 1, "t": 8, "xl": 8}
+VERSION = 5      # a change to the kernels or the space makes older measurements stale
 
 
 def space(backend) -> list[dict]:
@@ -35,12 +41,40 @@ def adapter_key(backend) -> str:
     return f"v{VERSION}:{backend.name}:{i.get('vendor')}:{i.get('device') or i.get('description')}"
 
 
-def defaults(backend) -> dict:
+def is_cpu(backend) -> bool:
     i = backend.adapter_info or {}
-    kind = "cpu" if i.get("adapter_type") == "CPU" or any(
+    return i.get("adapter_type") == "CPU" or any(
         s in str(i.get(k) or "").lower() for k in ("device", "description", "vendor", "architecture")
-        for s in ("llvmpipe", "swiftshader", "lavapipe")) else "gpu"
-    return {op: dict(v) for op, v in DEFAULTS[kind].items()}
+        for s in ("llvmpipe", "swiftshader", "lavapipe"))
+
+
+def defaults(backend) -> dict:
+    return {op: dict(v) for op, v in DEFAULTS["cpu" if is_cpu(backend) else "gpu"].items()}
+
+
+async def subgroup_size(backend, kernels) -> int:
+    """The smallest subgroup one workgroup of 64 runs in (0 without subgroups); measured once per device."""
+    if "subgroups" not in backend.features:
+        return 0
+    size = getattr(backend, "subgroup_size", None)
+    if size is None:
+        buf = backend.create_buffer(64 * 4, "subgroup size")
+        try:
+            pipe = kernels.pipeline("subgroup_size", {}, {})
+            plan = backend.create_plan([Dispatch(pipe, {0: Binding(buf)}, (1, 1, 1), "subgroup size")])
+            raw = await backend.submit_and_read(plan, buf, 0, 64 * 4)
+        finally:
+            backend.destroy_buffer(buf)
+        size = min(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 64 * 4, 4))
+        backend.subgroup_size = size
+    return size
+
+
+async def matmul_choice(engine) -> dict:
+    """The prefill mat-mat for this adapter (see the module's docstring)."""
+    if is_cpu(engine.backend) and await subgroup_size(engine.backend, engine.kernels) >= MATMUL_XSHARE["xl"]:
+        return dict(MATMUL_XSHARE)
+    return {"xshare": False}
 
 
 async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):
@@ -109,14 +143,14 @@ async def tune(engine, given: dict | None = None, cache: dict | None = None) -> 
         return given, "given", None
     weight = tuning_weight(engine)
     if weight is None:
-        return defaults(engine.backend), "default", None
+        return {**defaults(engine.backend), "matmul": await matmul_choice(engine)}, "default", None
     key = choice_key(engine.backend, weight)
     if cache and isinstance(cache.get(key), dict):
         return cache[key], "cached", key
     variants = space(engine.backend)
     times = await measure_variants(engine, weight, variants)
     best = variants[times.index(min(times))]
-    return {"matvec": dict(best)}, "measured", key
+    return {"matvec": dict(best), "matmul": await matmul_choice(engine)}, "measured", key
 
 
 # -- the native cache: a JSON file in the cache folder -------------------------------------------------

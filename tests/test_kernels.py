@@ -10,6 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
+from pyengine import tuning
 from pyengine.engine import KVCache, State
 from pyengine.graph import GraphBuilder, Tensor, Weight
 from pyengine.kernels import TOPK, UNIFORM_BYTES, Kernels, packed_nbytes
@@ -164,9 +165,23 @@ def test_rmsnorm_per_head_and_into_the_residual(rig):
     close(rig.read(r, m * heads * d).reshape(m, -1), res + x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w2)
 
 
+# the tiled mat-mat, the one the tuner picks where subgroups hold 8 lanes, and one more shape of it
+MATMULS = {"tiled": {"xshare": False}, "xshare": tuning.MATMUL_XSHARE,
+           "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "t": 3, "wg": 32}}
+
+
+def needs_subgroups_of_8(rig, variant):
+    size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
+    if variant["xshare"] and size < variant["xl"]:      # SwiftShader: 4 lanes
+        pytest.skip(f"subgroups of {size} lanes: the shared-activation mat-mat is never chosen there")
+
+
+@pytest.mark.parametrize("variant", MATMULS)
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("m,m_cap", [(2, 2), (13, 16), (40, 64), (7, 64)])
-def test_matmul(rig, qtype, m, m_cap):
+def test_matmul(rig, qtype, m, m_cap, variant):
+    needs_subgroups_of_8(rig, MATMULS[variant])
+    rig.k.tuning = {"matmul": MATMULS[variant]}
     for n, k in shapes_for(qtype)[1:]:
         w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
         x = np.zeros((m_cap, k))
@@ -189,7 +204,10 @@ def test_matmul_and_matvec_beyond_the_uniform_window(rig):
     close(rig.read(out, n), wv @ x[0], rtol=1e-4)
 
 
-def test_matmul_accumulates(rig):
+@pytest.mark.parametrize("variant", MATMULS)
+def test_matmul_accumulates_and_adds_a_bias(rig, variant):
+    needs_subgroups_of_8(rig, MATMULS[variant])
+    rig.k.tuning = {"matmul": MATMULS[variant]}
     n, k, m = 77, 96, 13
     w, wv = rig.weight(rig.rng.standard_normal((n, k)), "Q4_1")
     x, h = rig.rng.standard_normal((m, k)), rig.rng.standard_normal((m, n))
@@ -197,6 +215,9 @@ def test_matmul_accumulates(rig):
     rig.step(0, m)
     rig.run(lambda g: g.linear(rig.tensor(x), w, accumulate=res), m)
     close(rig.read(res, m * n).reshape(m, n), h + x @ wv.T)
+    b = rig.rng.standard_normal(n)
+    out = rig.run(lambda g: g.linear(rig.tensor(x), w, bias=rig.vector(b)), 16)
+    close(rig.read(out, m * n).reshape(m, n), x @ wv.T + b)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
