@@ -162,12 +162,12 @@ class GraphBuilder:
                 self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}, binds,
                                groups, f"matmul {w.name}")
             return out
-        t = self.k.matmul_tile(k)
+        t = self.k.matmul_tile(k, params["tmax"])
         uniform = t > 0
         t = t or 8
         params.update(t=t, x_uniform=uniform)
         for row0, rows, buf in w.parts:
-            groups = -(-rows // params["wg"])
+            groups = -(-rows // (params["wg"] * params["rows"]))
             for i in range(-(-x.rows // t)):
                 xb = Binding(x.buffer, i * t * k * F32, UNIFORM_BYTES) if uniform else Binding(x.buffer)
                 binds = self._words({0: buf, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)},

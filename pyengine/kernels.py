@@ -30,14 +30,13 @@ TOPK_MERGE = 16     # records per workgroup in the later passes
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
     "matvec": {"wg": 32, "rows": 4, "xshare": False, "unpack": False},
-    "matmul": {"wg": 64, "xshare": False},
+    "matmul": {"wg": 64, "xshare": False, "rows": 1, "unpack": False, "tmax": 8},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64},
 }
 
 UNIFORM_BYTES = 65536        # the uniform window kernels read activations through
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment
-MATMUL_MAX_TILE = 8          # tokens per mat-mat dispatch
 
 
 def packed_nbytes(qtype: str, rows: int, cols: int) -> int:
@@ -107,9 +106,10 @@ class Kernels:
         return k * 4 <= UNIFORM_BYTES
 
     @staticmethod
-    def matmul_tile(k: int) -> int:
-        """Tokens per mat-mat dispatch whose X tile fits the uniform window at an aligned offset; 0: none."""
-        t = MATMUL_MAX_TILE
+    def matmul_tile(k: int, t_max: int = 8) -> int:
+        """Tokens (at most t_max) per tiled mat-mat dispatch whose X tile fits the uniform window at an
+        aligned offset; 0: none."""
+        t = t_max
         while t >= 1:
             if t * k * 4 <= UNIFORM_BYTES and (t * k * 4) % UNIFORM_ALIGN == 0:
                 return t

@@ -165,8 +165,8 @@ def test_rmsnorm_per_head_and_into_the_residual(rig):
     close(rig.read(r, m * heads * d).reshape(m, -1), res + x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w2)
 
 
-# the tiled mat-mat, the one the tuner picks where subgroups hold 8 lanes, and one more shape of it
-MATMULS = {"tiled": {"xshare": False}, "xshare": tuning.MATMUL_XSHARE,
+# the mat-mats the tuner picks (GPUs, SwiftShader, lavapipe) and one more shape of the shared one
+MATMULS = {"tiled": {"xshare": False}, "tiled-cpu": tuning.MATMUL_CPU_TILED, "xshare": tuning.MATMUL_XSHARE,
            "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "t": 3, "wg": 32}}
 
 
