@@ -300,7 +300,7 @@ class Engine:
                 self, self._tuning_given, self._tuning_cache)
         else:
             self.tuning = self._tuning_given or {**autotune.defaults(self.backend),
-                                                 "matmul": await autotune.matmul_choice(self)}
+                                                 **await autotune.prefill_choice(self)}
         t2 = time.perf_counter()
         self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)

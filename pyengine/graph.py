@@ -227,14 +227,18 @@ class GraphBuilder:
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
         if q.rows == 1:      # decode: each head's keys split over a workgroup
-            params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, split=min(32, 2048 // head_dim))
+            params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, split=min(32, 2048 // head_dim),
+                                    share=False)
             groups = n_heads
         else:
             params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, split=0)
             groups = -(-q.rows * n_heads // params["wg"])
-        self._dispatch("attention", params,
-                       {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
-                        "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)},
+        consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
+                  "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}
+        if params.get("share") and q.rows > 1:        # a workgroup per (head, block of tokens)
+            consts["BLOCKS"] = -(-q.rows // params["wg"])
+            groups = n_heads * consts["BLOCKS"]
+        self._dispatch("attention", params, consts,
                        {0: q.buffer, 1: cache.k[layer], 2: cache.v[layer], 3: out.buffer, 4: self._step()},
                        groups, f"attention {layer}")
         return out

@@ -8,11 +8,12 @@ file natively, IndexedDB in the browser) under the adapter's name and the shape 
 it was timed on, so later loads of a model of that shape skip it.
 Where nothing was measured, DEFAULTS applies.
 
-The prefill mat-mat is chosen by rule, not timed. On CPU adapters every invocation loads the
+The prefill mat-mat and attention are chosen by rule, not timed. On CPU adapters every invocation loads the
 activations it reads for itself, so the kernels share them: where subgroups hold at least 8 lanes
 (lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there); elsewhere (SwiftShader,
 4 lanes, where broadcasts lose) the tiled kernel with 4 rows an invocation over tiles of 16 tokens
-(2.2x its one-row shape there). GPUs keep the one-row tiled kernel.
+(2.2x its one-row shape there). GPUs keep the one-row tiled kernel. Prefill attention shares each
+key and value by broadcasts the same way where subgroups hold 8 lanes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SUBGROUP_SPACE = {"matvec": [{"rows": 4, "wg": 16, "xshare": True, "unpack": Tru
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 64, "xshare": True, "rows": 1, "t": 8, "xl": 8}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 4, "unpack": True, "tmax": 16}
+ATTENTION_SHARE = {"wg": 16, "share": True}
 VERSION = 5      # a change to the kernels or the space makes older measurements stale
 
 
@@ -73,13 +75,13 @@ async def subgroup_size(backend, kernels) -> int:
     return size
 
 
-async def matmul_choice(engine) -> dict:
-    """The prefill mat-mat for this adapter (see the module's docstring)."""
+async def prefill_choice(engine) -> dict:
+    """The prefill mat-mat and attention for this adapter (see the module's docstring)."""
     if not is_cpu(engine.backend):
-        return {"xshare": False}
-    if await subgroup_size(engine.backend, engine.kernels) >= MATMUL_XSHARE["xl"]:
-        return dict(MATMUL_XSHARE)
-    return dict(MATMUL_CPU_TILED)
+        return {"matmul": {"xshare": False}}
+    if await subgroup_size(engine.backend, engine.kernels) >= 8:
+        return {"matmul": dict(MATMUL_XSHARE), "attention": dict(ATTENTION_SHARE)}
+    return {"matmul": dict(MATMUL_CPU_TILED)}
 
 
 async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):
@@ -148,14 +150,14 @@ async def tune(engine, given: dict | None = None, cache: dict | None = None) -> 
         return given, "given", None
     weight = tuning_weight(engine)
     if weight is None:
-        return {**defaults(engine.backend), "matmul": await matmul_choice(engine)}, "default", None
+        return {**defaults(engine.backend), **await prefill_choice(engine)}, "default", None
     key = choice_key(engine.backend, weight)
     if cache and isinstance(cache.get(key), dict):
         return cache[key], "cached", key
     variants = space(engine.backend)
     times = await measure_variants(engine, weight, variants)
     best = variants[times.index(min(times))]
-    return {"matvec": dict(best), "matmul": await matmul_choice(engine)}, "measured", key
+    return {"matvec": dict(best), **await prefill_choice(engine)}, "measured", key
 
 
 # -- the native cache: a JSON file in the cache folder -------------------------------------------------

@@ -271,15 +271,28 @@ def attention_np(q, keys, vals, group, window=0):
     return out
 
 
+# prefill attention: an invocation per (token, head) loading its keys, or keys shared by broadcasts
+ATTENTIONS = {"plain": {"wg": 64, "share": False}, "share": tuning.ATTENTION_SHARE}
+
+
+def needs_subgroups_of_8_for(rig, variant):
+    size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
+    if variant["share"] and size < 8:      # SwiftShader: 4 lanes
+        pytest.skip(f"subgroups of {size} lanes: shared-key attention is never chosen there")
+    rig.k.tuning = {"attention": variant}
+
+
+@pytest.mark.parametrize("variant", ATTENTIONS)
 @pytest.mark.parametrize("kv_f16", [False, True])
-@pytest.mark.parametrize("mode,n_rot,window,factors", [("norm", 32, 0, False), ("neox", 32, 0, False),
-                                                        ("neox", 16, 0, False), ("neox", 32, 24, True),
-                                                        ("norm", 32, 50, True)])
-def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors):
+@pytest.mark.parametrize("mode,n_rot,window,factors,hd", [("norm", 32, 0, False, 32), ("neox", 32, 0, False, 32),
+                                                           ("neox", 16, 0, False, 48), ("neox", 32, 24, True, 32),
+                                                           ("norm", 32, 50, True, 48)])
+def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd, variant):
     if kv_f16 and "shader-f16" not in backend.features:
         pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
-    nh, nkv, hd, base = 6, 2, 32, 10000.0
+    nh, nkv, base = 6, 2, 10000.0
     rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
+    needs_subgroups_of_8_for(rig, ATTENTIONS[variant])
     rng = np.random.default_rng(3)
     keys = np.zeros((0, nkv, hd))
     vals = np.zeros((0, nkv, hd))
@@ -389,12 +402,14 @@ def test_a_weight_larger_than_one_binding_is_split_transparently(rig, qtype, mon
     close(rig.read(out, len(tokens) * k).reshape(len(tokens), k), wv[tokens])
 
 
+@pytest.mark.parametrize("variant", ATTENTIONS)
 @pytest.mark.parametrize("hd,n", [(64, 1200), (256, 600)])
-def test_attention_over_more_keys_than_a_cpu_adapter_loops_by_default(backend, hd, n):
+def test_attention_over_more_keys_than_a_cpu_adapter_loops_by_default(backend, hd, n, variant):
     """llvmpipe stops an invocation's loops after 65535 iterations in all: a query head walking n keys
     with a loop per dimension would be cut short here (past about 65535 / (2 * hd) keys)."""
     nh, nkv = 4, 1
     rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, context=n + 1, max_chunk=n)
+    needs_subgroups_of_8_for(rig, ATTENTIONS[variant])
     rng = np.random.default_rng(hd)
     q, k, v = (rng.standard_normal((n, h * hd)) for h in (nh, nkv, nkv))
     rig.step(0, n)

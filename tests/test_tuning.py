@@ -34,7 +34,7 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
 
     monkeypatch.setattr(tuning, "matvec_timer", fake)
     first = Engine.load(tiny_llama, backend, context_length=64)
-    assert first.tuning == {"matvec": fast, "matmul": asyncio.run(tuning.matmul_choice(first))}
+    assert first.tuning == {"matvec": fast, **asyncio.run(tuning.prefill_choice(first))}
     assert first.tuning_source == "measured"
     assert first.tuning_key.startswith(tuning.adapter_key(backend) + ":")      # and the weight's shape
     assert built == tuning.space(backend)
