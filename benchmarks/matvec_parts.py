@@ -1,0 +1,118 @@
+"""Where the decode mat-vec's time goes on this adapter: the kernel as it runs, then with one part
+of its work taken out at a time (the weights' loads, their scales, the activations' loads, the
+4-bit unpacking, the whole loop body).
+
+    python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7]
+
+Each variant is the real WGSL of the tuned Q4_1 mat-vec, edited; the results are wrong on purpose,
+only their times count. A part whose removal saves little is not what bounds the kernel. Prints
+each variant's fastest replay of 20 dispatches (median and minimum over --rounds rounds, the
+variants taking turns) and the weight bytes a second that time stands for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
+from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes  # noqa: E402
+
+REPEAT = 20
+
+
+def _loop_body(code: str) -> tuple[int, int]:
+    """Start and end of the block loop's body."""
+    start = code.index("{", code.index("for (var b = 0u; b < K / BV; b++)")) + 1
+    depth, i = 1, start
+    while depth:
+        depth += {"{": 1, "}": -1}.get(code[i], 0)
+        i += 1
+    return start, i - 1
+
+
+def no_weight_loads(code):
+    code = re.sub(r"let q = W\[blk\];", "let q = vec4<u32>(blk, blk * 3u, blk ^ 0x5555u, blk + 77u);", code)
+    return no_scale_loads(code)
+
+
+def no_scale_loads(code):
+    return re.sub(r"W_words\[[^\]]*\]", "blk", code)
+
+
+def no_activation_loads(code):
+    return re.sub(r"let (x[0-7]) = x\[[^\]]*\];", r"let \1 = vec4<f32>(f32(c), 1.0, 2.0, 3.0);", code)
+
+
+def no_unpacking(code):
+    return re.sub(r"let s = nib_lo\(q\.x\) \* x0 [^;]*;", "let s = bitcast<vec4<f32>>(q) * x0;", code)
+
+
+def empty_body(code):
+    start, end = _loop_body(code)
+    accs = re.findall(r"var (acc\d+) = 0\.0;", code)
+    return code[:start] + "\n" + "".join(f"        {a} += f32(b);\n" for a in accs) + "    " + code[end:]
+
+
+PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without scale loads": no_scale_loads,
+         "without activation loads": no_activation_loads, "without 4-bit unpacking": no_unpacking,
+         "without the loop body": empty_body}
+
+
+async def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=1536)
+    ap.add_argument("--cols", type=int, default=576)
+    ap.add_argument("--rounds", type=int, default=7)
+    a = ap.parse_args()
+    be = open_backend("native")
+    k = Kernels(be)
+    variant = dict(VARIANTS["matvec"])
+    params = dict(qtype="Q4_1", epilogue="store", bias=False, x_uniform=True, act="silu", **variant)
+    code = k.render("matvec", **params)
+    nbytes = packed_nbytes("Q4_1", a.rows, a.cols)
+    w = be.create_buffer(nbytes, "weights")
+    x = be.create_buffer(UNIFORM_BYTES, "activations")
+    y = be.create_buffer(a.rows * 4, "out")
+    groups = (-(-a.rows // (variant["wg"] * variant["rows"])), 1, 1)
+    plans = {}
+    for name, edit in PARTS.items():
+        src = edit(code) if edit else code
+        if edit and src == code:
+            raise SystemExit(f"'{name}': the kernel no longer has the code this edit takes out")
+        pipe = be.create_pipeline(src, {"N": a.rows, "K": a.cols, "ROW0": 0}, name)
+        layout_uses = {0: "W[" in src, 1: "x[" in src, 4: "W_words[" in src}
+        binds = {2: Binding(y)}
+        if layout_uses[0]:
+            binds[0] = Binding(w)
+        if layout_uses[1]:
+            binds[1] = Binding(x, 0, UNIFORM_BYTES)
+        if layout_uses[4]:
+            binds[4] = Binding(w)
+        plans[name] = be.create_plan([Dispatch(pipe, binds, groups, name)] * REPEAT)
+    times = {name: [] for name in plans}
+    for _ in range(a.rounds + 1):
+        for name, plan in plans.items():
+            be.submit(plan)
+            await be.sync()
+            t0 = time.perf_counter()
+            be.submit(plan)
+            await be.sync()
+            times[name].append((time.perf_counter() - t0) / REPEAT)
+    print(f"Q4_1 mat-vec {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB), variant {variant}, "
+          f"{be.adapter_info.get('device')}")
+    for name, ts in times.items():
+        ts = ts[1:]
+        print(f"  {name:28s} median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us"
+              f"   {nbytes / min(ts) / 1e9:5.2f} GB/s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
