@@ -153,7 +153,9 @@ async def tune(engine, given: dict | None = None, cache: dict | None = None) -> 
         return {**defaults(engine.backend), **await prefill_choice(engine)}, "default", None
     key = choice_key(engine.backend, weight)
     if cache and isinstance(cache.get(key), dict):
-        return cache[key], "cached", key
+        # only the measured mat-vec comes from the cache: the rule may have changed since it was saved
+        return {"matvec": cache[key].get("matvec", defaults(engine.backend)["matvec"]),
+                **await prefill_choice(engine)}, "cached", key
     variants = space(engine.backend)
     times = await measure_variants(engine, weight, variants)
     best = variants[times.index(min(times))]

@@ -104,3 +104,17 @@ def test_variants_are_timed_on_a_layer_weight_of_the_main_quant_type():
                             "args": type("A", (), {"vocab_size": 49152})})
     chosen = tuning.tuning_weight(engine)
     assert chosen.qtype == "Q4_1" and chosen.rows * chosen.cols == 576 * 1536
+
+
+def test_a_cached_choice_keeps_its_mat_vec_and_takes_the_prefill_kernels_by_todays_rule(tiny_llama, backend, cache):
+    e = Engine.load(tiny_llama, backend, context_length=64, tune=False)
+    key = tuning.choice_key(backend, tuning.tuning_weight(e))
+    rule = asyncio.run(tuning.prefill_choice(e))
+    e.close()
+    saved = {"matvec": {"rows": 2, "wg": 32}, "matmul": {"xshare": False, "rows": 1}, "attention": {"share": False}}
+    cache.write_text(json.dumps({key: saved}))
+    e = Engine.load(tiny_llama, backend, context_length=64)
+    assert e.tuning_source == "cached"
+    assert e.tuning == {"matvec": saved["matvec"], **rule}
+    assert rule != {k: saved[k] for k in rule}       # on lavapipe the rule picks the shared kernels
+    e.close()
