@@ -295,12 +295,14 @@ class Engine:
         t0 = time.perf_counter()
         self.weights = await self._upload(source)
         t1 = time.perf_counter()
-        if self._tune:
-            self.tuning, self.tuning_source, self.tuning_key = await autotune.tune(
-                self, self._tuning_given, self._tuning_cache)
+        if self._tuning_given:
+            self.tuning, self.tuning_source = self._tuning_given, "given"
         else:
-            self.tuning = self._tuning_given or {**autotune.defaults(self.backend),
-                                                 **await autotune.prefill_choice(self)}
+            if self._tune:
+                matvec, self.tuning_source, self.tuning_key = await autotune.tune(self, self._tuning_cache)
+            else:
+                matvec = autotune.defaults(self.backend)
+            self.tuning = {**matvec, **await autotune.prefill_choice(self)}
         t2 = time.perf_counter()
         self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)

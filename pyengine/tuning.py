@@ -144,22 +144,18 @@ def choice_key(backend, weight) -> str:
     return f"{adapter_key(backend)}:{weight.qtype}:{weight.rows}x{weight.cols}"
 
 
-async def tune(engine, given: dict | None = None, cache: dict | None = None) -> tuple[dict, str, str | None]:
-    """The variants for this engine: (choice, how: "given" | "cached" | "measured" | "default", cache key)."""
-    if given:
-        return given, "given", None
+async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None]:
+    """The mat-vec for this engine: (choice, how: "cached" | "measured" | "default", cache key).
+    Only measurements are cached; the prefill kernels come from prefill_choice at every load."""
     weight = tuning_weight(engine)
     if weight is None:
-        return {**defaults(engine.backend), **await prefill_choice(engine)}, "default", None
+        return defaults(engine.backend), "default", None
     key = choice_key(engine.backend, weight)
-    if cache and isinstance(cache.get(key), dict):
-        # only the measured mat-vec comes from the cache: the rule may have changed since it was saved
-        return {"matvec": cache[key].get("matvec", defaults(engine.backend)["matvec"]),
-                **await prefill_choice(engine)}, "cached", key
+    if cache and isinstance(cache.get(key), dict) and isinstance(cache[key].get("matvec"), dict):
+        return {"matvec": cache[key]["matvec"]}, "cached", key
     variants = space(engine.backend)
     times = await measure_variants(engine, weight, variants)
-    best = variants[times.index(min(times))]
-    return {"matvec": dict(best), **await prefill_choice(engine)}, "measured", key
+    return {"matvec": dict(variants[times.index(min(times))])}, "measured", key
 
 
 # -- the native cache: a JSON file in the cache folder -------------------------------------------------

@@ -170,18 +170,19 @@ MATMULS = {"tiled": {"xshare": False}, "tiled-cpu": tuning.MATMUL_CPU_TILED, "xs
            "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "t": 3, "wg": 32}}
 
 
-def needs_subgroups_of_8(rig, variant):
+def use_variant(rig, op, variant):
+    """Runs `op` with `variant`; one that shares values over 8-lane subgroups only where they exist."""
     size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
-    if variant["xshare"] and size < variant["xl"]:      # SwiftShader: 4 lanes
-        pytest.skip(f"subgroups of {size} lanes: the shared-activation mat-mat is never chosen there")
+    if (variant.get("xshare") or variant.get("share")) and size < 8:      # SwiftShader: 4 lanes
+        pytest.skip(f"subgroups of {size} lanes: the {op} that shares values by broadcasts is never chosen there")
+    rig.k.tuning = {op: variant}
 
 
 @pytest.mark.parametrize("variant", MATMULS)
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("m,m_cap", [(2, 2), (13, 16), (40, 64), (7, 64)])
 def test_matmul(rig, qtype, m, m_cap, variant):
-    needs_subgroups_of_8(rig, MATMULS[variant])
-    rig.k.tuning = {"matmul": MATMULS[variant]}
+    use_variant(rig, "matmul", MATMULS[variant])
     for n, k in shapes_for(qtype)[1:]:
         w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
         x = np.zeros((m_cap, k))
@@ -206,8 +207,7 @@ def test_matmul_and_matvec_beyond_the_uniform_window(rig):
 
 @pytest.mark.parametrize("variant", MATMULS)
 def test_matmul_accumulates_and_adds_a_bias(rig, variant):
-    needs_subgroups_of_8(rig, MATMULS[variant])
-    rig.k.tuning = {"matmul": MATMULS[variant]}
+    use_variant(rig, "matmul", MATMULS[variant])
     n, k, m = 77, 96, 13
     w, wv = rig.weight(rig.rng.standard_normal((n, k)), "Q4_1")
     x, h = rig.rng.standard_normal((m, k)), rig.rng.standard_normal((m, n))
@@ -275,13 +275,6 @@ def attention_np(q, keys, vals, group, window=0):
 ATTENTIONS = {"plain": {"wg": 64, "share": False}, "share": tuning.ATTENTION_SHARE}
 
 
-def needs_subgroups_of_8_for(rig, variant):
-    size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
-    if variant["share"] and size < 8:      # SwiftShader: 4 lanes
-        pytest.skip(f"subgroups of {size} lanes: shared-key attention is never chosen there")
-    rig.k.tuning = {"attention": variant}
-
-
 @pytest.mark.parametrize("variant", ATTENTIONS)
 @pytest.mark.parametrize("kv_f16", [False, True])
 @pytest.mark.parametrize("mode,n_rot,window,factors,hd", [("norm", 32, 0, False, 32), ("neox", 32, 0, False, 32),
@@ -292,7 +285,7 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd
         pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
     nh, nkv, base = 6, 2, 10000.0
     rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
-    needs_subgroups_of_8_for(rig, ATTENTIONS[variant])
+    use_variant(rig, "attention", ATTENTIONS[variant])
     rng = np.random.default_rng(3)
     keys = np.zeros((0, nkv, hd))
     vals = np.zeros((0, nkv, hd))
@@ -409,7 +402,7 @@ def test_attention_over_more_keys_than_a_cpu_adapter_loops_by_default(backend, h
     with a loop per dimension would be cut short here (past about 65535 / (2 * hd) keys)."""
     nh, nkv = 4, 1
     rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, context=n + 1, max_chunk=n)
-    needs_subgroups_of_8_for(rig, ATTENTIONS[variant])
+    use_variant(rig, "attention", ATTENTIONS[variant])
     rng = np.random.default_rng(hd)
     q, k, v = (rng.standard_normal((n, h * hd)) for h in (nh, nkv, nkv))
     rig.step(0, n)
