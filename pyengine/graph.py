@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from .gpu import Binding, Dispatch, split_workgroups
-from .kernels import REPACKED_QTYPES, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES
+from .kernels import REPACKED_QTYPES, STORAGE_ALIGN, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES
 
 F32 = 4
 
@@ -42,12 +42,26 @@ class Weight:
 
 
 class Tensor:
-    """An activation of `cols` f32 values per token, for up to `rows` tokens."""
+    """An activation of `cols` f32 values per token, for up to `rows` tokens, at `offset` bytes into
+    its buffer: a view into a larger tensor (one of the outputs of a fused mat-vec) keeps that
+    tensor, so the buffer returns to the pool only when no view names it any more."""
 
-    __slots__ = ("buffer", "rows", "cols", "_pool")
+    __slots__ = ("buffer", "rows", "cols", "offset", "_pool", "_base")
 
-    def __init__(self, buffer, rows, cols, pool=None):
+    def __init__(self, buffer, rows, cols, pool=None, offset: int = 0, base: "Tensor | None" = None):
         self.buffer, self.rows, self.cols, self._pool = buffer, rows, cols, pool
+        self.offset, self._base = offset, base
+
+    def view(self, offset: int, cols: int) -> "Tensor":
+        """`cols` values per token from `offset` bytes on (a multiple of the storage offset alignment)."""
+        return Tensor(self.buffer, self.rows, cols, offset=self.offset + offset, base=self)
+
+    def bind(self, size: int | None = None) -> Binding:
+        """The binding of this tensor: a view's ends where its values do, so that views of one buffer
+        bound to one dispatch do not overlap (WebGPU rejects overlapping bindings one of which writes)."""
+        if size is None and self._base is not None:
+            size = self.rows * self.cols * F32
+        return Binding(self.buffer, self.offset, size)
 
     def __del__(self):
         if self._pool is not None:
@@ -127,7 +141,7 @@ class GraphBuilder:
         for row0, rows, buf in w.parts:     # each part fills the rows of the tokens it holds
             self._dispatch("embed", {"qtype": w.qtype},
                            {"N": rows, "K": w.cols, "SCALE": scale, "ROW0": row0, "NTOTAL": w.rows},
-                           self._words({0: buf, 1: out.buffer, 2: self._step()}, w, 3, buf),
+                           self._words({0: buf, 1: out.bind(), 2: self._step()}, w, 3, buf),
                            -(-units // 64), f"embed {w.name}")
         return out
 
@@ -140,7 +154,7 @@ class GraphBuilder:
         out = into if into is not None else self._tensor(x.cols, 1 if last_row else x.rows)
         params = self.k.variant("rmsnorm", last_row=last_row, epilogue="accumulate" if into is not None else "store")
         self._dispatch("rmsnorm", params, {"D": d, "EPS": eps, "HEADS": heads},
-                       {0: x.buffer, 1: w.buffer, 2: out.buffer, 3: self._step()},
+                       {0: x.bind(), 1: w.buffer, 2: out.bind(), 3: self._step()},
                        (1 if last_row else x.rows * heads, 1, 1), f"rmsnorm {w.name}")
         return out
 
@@ -149,13 +163,13 @@ class GraphBuilder:
         out = accumulate if accumulate is not None else self._tensor(w.rows, x.rows)
         epilogue = "accumulate" if accumulate is not None else "store"
         if x.rows == 1:
-            self._matvec(w, x, out.buffer, epilogue, bias=bias)
+            self._matvec(w, x, out.bind(), epilogue, bias=bias)
             return out
         k = w.cols
         params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None)
         if params.get("xshare"):
             for row0, rows, buf in w.parts:
-                binds = self._words({0: buf, 1: x.buffer, 2: out.buffer, 3: self._step()}, w, 6, buf)
+                binds = self._words({0: buf, 1: x.bind(), 2: out.bind(), 3: self._step()}, w, 6, buf)
                 if bias is not None:
                     binds[5] = bias.buffer
                 groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
@@ -169,8 +183,8 @@ class GraphBuilder:
         for row0, rows, buf in w.parts:
             groups = -(-rows // (params["wg"] * params["rows"]))
             for i in range(-(-x.rows // t)):
-                xb = Binding(x.buffer, i * t * k * F32, UNIFORM_BYTES) if uniform else Binding(x.buffer)
-                binds = self._words({0: buf, 1: xb, 2: out.buffer, 3: self._step(), 4: self.s.tile_index(t, i)},
+                xb = Binding(x.buffer, x.offset + i * t * k * F32, UNIFORM_BYTES) if uniform else x.bind()
+                binds = self._words({0: buf, 1: xb, 2: out.bind(), 3: self._step(), 4: self.s.tile_index(t, i)},
                                     w, 6, buf)
                 if bias is not None:
                     binds[5] = bias.buffer
@@ -178,14 +192,44 @@ class GraphBuilder:
                                groups, f"matmul {w.name}")
         return out
 
+    def linears(self, x: Tensor, ws: list[Weight], biases: list | None = None) -> list[Tensor]:
+        """[x W^T (+ bias) for W in ws], the products of weights of one input (q, k and v): for one token
+        in one dispatch where they can share a kernel (same type and columns, one buffer each, no biases),
+        their outputs then views into one buffer."""
+        biases = biases or [None] * len(ws)
+        w0 = ws[0]
+        fused = (x.rows == 1 and 1 < len(ws) <= 3 and all(b is None for b in biases)
+                 and all(w.qtype == w0.qtype and w.cols == w0.cols and len(w.parts) == 1 for w in ws))
+        if not fused:
+            return [self.linear(x, w, b) for w, b in zip(ws, biases)]
+        offsets, end = [], 0
+        for w in ws:            # each output at an offset every binding may start at
+            offsets.append(end)
+            end += -(-w.rows * F32 // STORAGE_ALIGN) * STORAGE_ALIGN
+        out = Tensor(self.s.pool.alloc(end + UNIFORM_BYTES), 1, end // F32, self.s.pool)
+        params = self.k.variant("matvec", qtype=w0.qtype, epilogue="store", x_uniform=self.k.matvec_uniform(w0.cols),
+                                bias=False, act="silu", multi=len(ws))
+        uniform = params["x_uniform"] and not params["xshare"]
+        per_group = params["wg"] * params["rows"]
+        groups = [-(-w.rows // per_group) for w in ws]
+        binds = self._words({0: w0.buffer, 1: x.bind(UNIFORM_BYTES) if uniform else x.bind(), 2: out.bind()},
+                            w0, 4, w0.buffer)
+        consts = {"N": w0.rows, "K": w0.cols}
+        for i, (w, slot, words) in enumerate(zip(ws[1:], (3, 6), (5, 7)), start=2):
+            binds[slot] = w.buffer
+            self._words(binds, w, words, w.buffer)
+            consts.update({f"N{i}": w.rows, f"G{i}": sum(groups[:i - 1]), f"OFF{i}": offsets[i - 1] // F32})
+        self._dispatch("matvec", params, consts, binds, sum(groups), "store " + " ".join(w.name for w in ws))
+        return [out.view(o, w.rows) for o, w in zip(offsets, ws)]
+
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
                 bias: Weight | None = None, act: str = "silu"):
         params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=self.k.matvec_uniform(w.cols),
-                                bias=bias is not None, act=act)
+                                bias=bias is not None, act=act, multi=1)
         uniform = params["x_uniform"] and not params["xshare"]
         per_group = params["wg"] * params["rows"]
         for p, (row0, rows, buf) in enumerate(w.parts):
-            binds = self._words({0: buf, 1: Binding(x.buffer, 0, UNIFORM_BYTES) if uniform else x.buffer, 2: out},
+            binds = self._words({0: buf, 1: x.bind(UNIFORM_BYTES) if uniform else x.bind(), 2: out},
                                 w, 4, buf)
             if w2 is not None:
                 binds[3] = w2.parts[p][2]
@@ -199,12 +243,12 @@ class GraphBuilder:
         """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""
         if x.rows == 1 and gate.qtype == up.qtype and [r for r, _, _ in gate.parts] == [r for r, _, _ in up.parts]:
             out = self._tensor(gate.rows, 1)
-            self._matvec(gate, x, out.buffer, "glu", w2=up, act=act)
+            self._matvec(gate, x, out.bind(), "glu", w2=up, act=act)
             return out
         g = self.linear(x, gate)
         u = self.linear(x, up)
         self._dispatch("elementwise", {"op": "glu", "act": act}, {"D": g.cols},
-                       {0: g.buffer, 1: u.buffer, 2: self._step()}, -(-g.rows * g.cols // 64), f"{act} glu")
+                       {0: g.bind(), 1: u.bind(), 2: self._step()}, -(-g.rows * g.cols // 64), f"{act} glu")
         return g
 
     def rope_kv(self, q: Tensor, k: Tensor, v: Tensor, layer: int, n_heads: int, n_kv_heads: int,
@@ -213,7 +257,7 @@ class GraphBuilder:
         """Rotates q in place and writes rotated k and v into the layer's cache at the step's positions."""
         cache = self.s.kv
         work = q.rows * (n_heads + 2 * n_kv_heads) * head_dim // 2
-        binds = {0: q.buffer, 1: k.buffer, 2: v.buffer, 3: cache.k[layer], 4: cache.v[layer], 5: self._step()}
+        binds = {0: q.bind(), 1: k.bind(), 2: v.bind(), 3: cache.k[layer], 4: cache.v[layer], 5: self._step()}
         if freq_factors is not None:
             binds[6] = freq_factors.buffer
         self._dispatch("rope", {"rope_mode": mode, "kv_f16": cache.f16, "f16": cache.f16,
@@ -239,7 +283,7 @@ class GraphBuilder:
             consts["BLOCKS"] = -(-q.rows // params["wg"])
             groups = n_heads * consts["BLOCKS"]
         self._dispatch("attention", params, consts,
-                       {0: q.buffer, 1: cache.k[layer], 2: cache.v[layer], 3: out.buffer, 4: self._step()},
+                       {0: q.bind(), 1: cache.k[layer], 2: cache.v[layer], 3: out.bind(), 4: self._step()},
                        groups, f"attention {layer}")
         return out
 

@@ -37,6 +37,7 @@ VARIANTS = {
 
 UNIFORM_BYTES = 65536        # the uniform window kernels read activations through
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment
+STORAGE_ALIGN = 256          # minStorageBufferOffsetAlignment
 
 
 def packed_nbytes(qtype: str, rows: int, cols: int) -> int:

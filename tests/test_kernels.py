@@ -78,8 +78,8 @@ class Rig:
         return out
 
     def read(self, buf, n: int, dtype=np.float32) -> np.ndarray:
-        buf = buf.buffer if isinstance(buf, Tensor) else buf
-        raw = self.be.queue.read_buffer(buf, 0, n * np.dtype(dtype).itemsize)
+        buf, offset = (buf.buffer, buf.offset) if isinstance(buf, Tensor) else (buf, 0)
+        raw = self.be.queue.read_buffer(buf, offset, n * np.dtype(dtype).itemsize)
         return np.frombuffer(bytes(raw), dtype=dtype).astype(np.float64)
 
 
@@ -137,6 +137,49 @@ def test_gated_mlp(rig, qtype, m, act):
     a, b = x @ gv.T, x @ uv.T
     gate = a / (1 + np.exp(-a)) if act == "silu" else gelu_tanh(a)
     close(rig.read(out, m * n).reshape(m, n), gate * b, rtol=5e-5)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_products_of_one_input_in_one_dispatch(rig, qtype):
+    """q, k and v for one token: one mat-vec dispatch over two or three weights of different row counts,
+    with every mat-vec variant the tuner may choose, each output a view at an aligned offset."""
+    from pyengine.tuning import space
+
+    k = shapes_for(qtype)[1][1]
+    rows = [300, 77, 130] if qtype not in K_BLOCKS else [130, 77, 33]
+    ws = [rig.weight(rig.rng.standard_normal((n, k)), qtype, f"w{i}") for i, n in enumerate(rows)]
+    x = rig.rng.standard_normal(k)
+    try:
+        for variant in space(rig.be):
+            rig.k.tuning = {"matvec": variant}
+            for count in (2, 3):
+                g = GraphBuilder(rig.k, rig.state, 1)
+                outs = g.linears(rig.tensor(x), [w for w, _ in ws[:count]])
+                assert len(g.dispatches) == 1, variant
+                rig.be.submit(rig.be.create_plan(g.dispatches))
+                for out, (_, wv) in zip(outs, ws):
+                    assert out.offset % 256 == 0 and out.cols == wv.shape[0]
+                    close(rig.read(out, wv.shape[0]), wv @ x)
+    finally:
+        rig.k.tuning = {}
+
+
+def test_products_of_one_input_that_cannot_share_a_dispatch(rig):
+    """Several tokens, different types or biases: one dispatch per weight, the same products."""
+    k = 64
+    (a, av), (b, bv) = rig.weight(rig.rng.standard_normal((40, k)), "Q8_0"), rig.weight(rig.rng.standard_normal((24, k)), "Q4_1")
+    (c, cv) = rig.weight(rig.rng.standard_normal((24, k)), "Q8_0")
+    bias = rig.rng.standard_normal(24)
+    x = rig.rng.standard_normal((3, k))
+    rig.step(0, 3)
+    for m, weights, biases in [(1, [a, b], None), (3, [a, c], None), (1, [a, c], [None, rig.vector(bias)])]:
+        g = GraphBuilder(rig.k, rig.state, m)
+        outs = g.linears(rig.tensor(x[:m]), weights, biases)
+        assert len(g.dispatches) == len(weights)
+        rig.be.submit(rig.be.create_plan(g.dispatches))
+        expect = [x[:m] @ av.T, x[:m] @ (bv if weights[1] is b else cv).T + (bias if biases else 0)]
+        for out, e in zip(outs, expect):
+            close(rig.read(out, e.size).reshape(e.shape), e)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F32"])

@@ -27,9 +27,9 @@ class Attention:
 
     def __call__(self, g, x):
         a = self.args
-        q = g.rms_norm(g.linear(x, self.wq), self.q_norm, a.norm_eps, heads=a.n_heads)
-        k = g.rms_norm(g.linear(x, self.wk), self.k_norm, a.norm_eps, heads=a.n_kv_heads)
-        v = g.linear(x, self.wv)
+        q, k, v = g.linears(x, [self.wq, self.wk, self.wv])
+        q = g.rms_norm(q, self.q_norm, a.norm_eps, heads=a.n_heads)
+        k = g.rms_norm(k, self.k_norm, a.norm_eps, heads=a.n_kv_heads)
         base, scale = (a.rope_base_local, 1.0) if self.local else (a.rope_base, a.rope_scale)
         g.rope_kv(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims, base, "neox",
                   pos_scale=scale)

@@ -24,7 +24,7 @@ class Attention:
 
     def __call__(self, g, x, residual):
         a = self.args
-        q, k, v = g.linear(x, self.wq, self.bq), g.linear(x, self.wk, self.bk), g.linear(x, self.wv, self.bv)
+        q, k, v = g.linears(x, [self.wq, self.wk, self.wv], [self.bq, self.bk, self.bv])
         if self.q_norm is not None:
             q = g.rms_norm(q, self.q_norm, a.norm_eps, heads=a.n_heads)
             k = g.rms_norm(k, self.k_norm, a.norm_eps, heads=a.n_kv_heads)
