@@ -193,15 +193,28 @@ class GraphBuilder:
         return out
 
     def linears(self, x: Tensor, ws: list[Weight], biases: list | None = None) -> list[Tensor]:
-        """[x W^T (+ bias) for W in ws], the products of weights of one input (q, k and v): for one token
-        in one dispatch where they can share a kernel (same type and columns, one buffer each, no biases),
-        their outputs then views into one buffer."""
+        """[x W^T (+ bias) for W in ws], the products of weights of one input (q, k and v). For one token,
+        weights that can share a kernel (same type and columns, one buffer each, no bias) run in one
+        dispatch, their outputs views into one buffer; the others (a v of another type) one each."""
         biases = biases or [None] * len(ws)
+        out: list = [None] * len(ws)
+        groups: dict = {}
+        for i, (w, b) in enumerate(zip(ws, biases)):
+            if x.rows == 1 and b is None and len(w.parts) == 1:
+                groups.setdefault((w.qtype, w.cols), []).append(i)
+            else:
+                out[i] = self.linear(x, w, b)
+        for idx in groups.values():
+            for c in range(0, len(idx), 3):         # the kernel takes up to three weights
+                chunk = idx[c:c + 3]
+                for i, t in zip(chunk, self._fused_matvec(x, [ws[i] for i in chunk])):
+                    out[i] = t
+        return out
+
+    def _fused_matvec(self, x: Tensor, ws: list[Weight]) -> list[Tensor]:
+        if len(ws) == 1:
+            return [self.linear(x, ws[0])]
         w0 = ws[0]
-        fused = (x.rows == 1 and 1 < len(ws) <= 3 and all(b is None for b in biases)
-                 and all(w.qtype == w0.qtype and w.cols == w0.cols and len(w.parts) == 1 for w in ws))
-        if not fused:
-            return [self.linear(x, w, b) for w, b in zip(ws, biases)]
         offsets, end = [], 0
         for w in ws:            # each output at an offset every binding may start at
             offsets.append(end)

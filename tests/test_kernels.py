@@ -164,22 +164,25 @@ def test_products_of_one_input_in_one_dispatch(rig, qtype):
         rig.k.tuning = {}
 
 
-def test_products_of_one_input_that_cannot_share_a_dispatch(rig):
-    """Several tokens, different types or biases: one dispatch per weight, the same products."""
+def test_products_of_one_input_that_cannot_all_share_a_dispatch(rig):
+    """Several tokens, a weight of another type (Gemma's v in Q8_0 beside q and k in Q5_0) or a bias:
+    the weights that can share a dispatch do, the others run one each, and every product is right."""
     k = 64
-    (a, av), (b, bv) = rig.weight(rig.rng.standard_normal((40, k)), "Q8_0"), rig.weight(rig.rng.standard_normal((24, k)), "Q4_1")
-    (c, cv) = rig.weight(rig.rng.standard_normal((24, k)), "Q8_0")
+    (a, av), (c, cv) = (rig.weight(rig.rng.standard_normal((n, k)), "Q5_0") for n in (40, 24))
+    b, bv = rig.weight(rig.rng.standard_normal((24, k)), "Q8_0")
     bias = rig.rng.standard_normal(24)
     x = rig.rng.standard_normal((3, k))
     rig.step(0, 3)
-    for m, weights, biases in [(1, [a, b], None), (3, [a, c], None), (1, [a, c], [None, rig.vector(bias)])]:
+    for m, weights, values, biases, dispatches in [
+            (1, [a, b, c], [av, bv, cv], None, 2), (3, [a, c], [av, cv], None, 2),
+            (1, [a, c], [av, cv], [None, rig.vector(bias)], 2), (1, [b, a], [bv, av], None, 2)]:
         g = GraphBuilder(rig.k, rig.state, m)
         outs = g.linears(rig.tensor(x[:m]), weights, biases)
-        assert len(g.dispatches) == len(weights)
+        assert len(g.dispatches) == dispatches
         rig.be.submit(rig.be.create_plan(g.dispatches))
-        expect = [x[:m] @ av.T, x[:m] @ (bv if weights[1] is b else cv).T + (bias if biases else 0)]
-        for out, e in zip(outs, expect):
-            close(rig.read(out, e.size).reshape(e.shape), e)
+        for i, (out, wv) in enumerate(zip(outs, values)):
+            expect = x[:m] @ wv.T + (bias if biases and biases[i] is not None else 0)
+            close(rig.read(out, expect.size).reshape(expect.shape), expect)
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "F32"])
