@@ -283,12 +283,13 @@ class GraphBuilder:
         """Causal attention over the layer's cache; with `window`, each query sees its last `window` keys."""
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
+        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
+        split = params.pop("decode_split")
         if q.rows == 1:      # decode: each head's keys split over a workgroup
-            params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, split=min(32, 2048 // head_dim),
-                                    share=False)
+            params.update(split=min(split, 2048 // head_dim), share=False)
             groups = n_heads
         else:
-            params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, split=0)
+            params["split"] = 0
             groups = -(-q.rows * n_heads // params["wg"])
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}

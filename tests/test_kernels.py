@@ -318,7 +318,7 @@ def attention_np(q, keys, vals, group, window=0):
 
 
 # prefill attention: an invocation per (token, head) loading its keys, or keys shared by broadcasts
-ATTENTIONS = {"plain": {"wg": 64, "share": False}, "share": tuning.ATTENTION_SHARE}
+ATTENTIONS = {"plain": {"wg": 64, "share": False}, "cpu": tuning.ATTENTION_CPU, "share": tuning.ATTENTION_SHARE}
 
 
 @pytest.mark.parametrize("variant", ATTENTIONS)
