@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pyengine.bench import _time_plan  # noqa: E402
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
 
 KERNEL = """
@@ -45,20 +45,13 @@ async def main():
     for wg, groups in SHAPES:
         pipe = be.create_pipeline(KERNEL.format(wg=wg, n=wg * groups), {}, "tiny")
         plan = be.create_plan([Dispatch(pipe, {0: Binding(y)}, (groups, 1, 1), "tiny")] * a.dispatches)
-        be.submit(plan)
-        await be.sync()
-        times = []
-        for _ in range(a.rounds):
-            t0 = time.perf_counter()
-            be.submit(plan)
-            await be.sync()
-            times.append((time.perf_counter() - t0) / a.dispatches)
+        per = await _time_plan(be, plan, a.rounds) / a.dispatches
         t0 = time.perf_counter()
         for _ in range(a.rounds):
             be._encode(plan)
         encode = (time.perf_counter() - t0) / a.rounds / a.dispatches
-        print(f"  {groups:3d} workgroups of {wg:3d}: {statistics.median(times) * 1e6:6.1f} us a dispatch "
-              f"(min {min(times) * 1e6:6.1f}), encoding {encode * 1e6:4.1f} us of CPU")
+        print(f"  {groups:3d} workgroups of {wg:3d}: {per * 1e6:6.1f} us a dispatch, "
+              f"encoding {encode * 1e6:4.1f} us of CPU")
 
 
 if __name__ == "__main__":

@@ -302,7 +302,7 @@ class Engine:
                 matvec, self.tuning_source, self.tuning_key = await autotune.tune(self, self._tuning_cache)
             else:
                 matvec = autotune.defaults(self.backend)
-            self.tuning = {**matvec, **await autotune.prefill_choice(self)}
+            self.tuning = {**matvec, **await autotune.rule_choice(self)}
         t2 = time.perf_counter()
         self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)

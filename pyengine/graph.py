@@ -220,13 +220,9 @@ class GraphBuilder:
             offsets.append(end)
             end += -(-w.rows * F32 // STORAGE_ALIGN) * STORAGE_ALIGN
         out = Tensor(self.s.pool.alloc(end + UNIFORM_BYTES), 1, end // F32, self.s.pool)
-        params = self.k.variant("matvec", qtype=w0.qtype, epilogue="store", x_uniform=self.k.matvec_uniform(w0.cols),
-                                bias=False, act="silu", multi=len(ws))
-        uniform = params["x_uniform"] and not params["xshare"]
-        per_group = params["wg"] * params["rows"]
+        params, xb, per_group = self._matvec_variant(w0, x, epilogue="store", bias=False, act="silu", multi=len(ws))
         groups = [-(-w.rows // per_group) for w in ws]
-        binds = self._words({0: w0.buffer, 1: x.bind(UNIFORM_BYTES) if uniform else x.bind(), 2: out.bind()},
-                            w0, 4, w0.buffer)
+        binds = self._words({0: w0.buffer, 1: xb, 2: out.bind()}, w0, 4, w0.buffer)
         consts = {"N": w0.rows, "K": w0.cols}
         for i, (w, slot, words) in enumerate(zip(ws[1:], (3, 6), (5, 7)), start=2):
             binds[slot] = w.buffer
@@ -235,15 +231,17 @@ class GraphBuilder:
         self._dispatch("matvec", params, consts, binds, sum(groups), "store " + " ".join(w.name for w in ws))
         return [out.view(o, w.rows) for o, w in zip(offsets, ws)]
 
+    def _matvec_variant(self, w: Weight, x: Tensor, **extra):
+        """The mat-vec's parameters for weight `w`, the binding of its input and its rows per workgroup."""
+        params = self.k.variant("matvec", qtype=w.qtype, x_uniform=self.k.matvec_uniform(w.cols), **extra)
+        uniform = params["x_uniform"] and not params["xshare"]
+        return params, x.bind(UNIFORM_BYTES) if uniform else x.bind(), params["wg"] * params["rows"]
+
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
                 bias: Weight | None = None, act: str = "silu"):
-        params = self.k.variant("matvec", qtype=w.qtype, epilogue=epilogue, x_uniform=self.k.matvec_uniform(w.cols),
-                                bias=bias is not None, act=act, multi=1)
-        uniform = params["x_uniform"] and not params["xshare"]
-        per_group = params["wg"] * params["rows"]
+        params, xb, per_group = self._matvec_variant(w, x, epilogue=epilogue, bias=bias is not None, act=act)
         for p, (row0, rows, buf) in enumerate(w.parts):
-            binds = self._words({0: buf, 1: x.bind(UNIFORM_BYTES) if uniform else x.bind(), 2: out},
-                                w, 4, buf)
+            binds = self._words({0: buf, 1: xb, 2: out}, w, 4, buf)
             if w2 is not None:
                 binds[3] = w2.parts[p][2]
                 self._words(binds, w2, 5, w2.parts[p][2])

@@ -79,8 +79,9 @@ async def subgroup_size(backend, kernels) -> int:
     return size
 
 
-async def prefill_choice(engine) -> dict:
-    """The prefill mat-mat and the attention for this adapter (see the module's docstring)."""
+async def rule_choice(engine) -> dict:
+    """The kernels chosen by rule for this adapter, not timed: the prefill mat-mat, and the attention's
+    prefill shape and decode split (see the module's docstring)."""
     if not is_cpu(engine.backend):
         return {"matmul": {"xshare": False}}
     if await subgroup_size(engine.backend, engine.kernels) >= 8:
@@ -150,7 +151,7 @@ def choice_key(backend, weight) -> str:
 
 async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None]:
     """The mat-vec for this engine: (choice, how: "cached" | "measured" | "default", cache key).
-    Only measurements are cached; the prefill kernels come from prefill_choice at every load."""
+    Only measurements are cached; the kernels chosen by rule come from rule_choice at every load."""
     weight = tuning_weight(engine)
     if weight is None:
         return defaults(engine.backend), "default", None

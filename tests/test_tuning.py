@@ -34,7 +34,7 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
 
     monkeypatch.setattr(tuning, "matvec_timer", fake)
     first = Engine.load(tiny_llama, backend, context_length=64)
-    assert first.tuning == {"matvec": fast, **asyncio.run(tuning.prefill_choice(first))}
+    assert first.tuning == {"matvec": fast, **asyncio.run(tuning.rule_choice(first))}
     assert first.tuning_source == "measured"
     assert first.tuning_key.startswith(tuning.adapter_key(backend) + ":")      # and the weight's shape
     assert built == tuning.space(backend)
@@ -109,7 +109,7 @@ def test_variants_are_timed_on_a_layer_weight_of_the_main_quant_type():
 def test_a_cached_choice_keeps_its_mat_vec_and_takes_the_prefill_kernels_by_todays_rule(tiny_llama, backend, cache):
     e = Engine.load(tiny_llama, backend, context_length=64, tune=False)
     key = tuning.choice_key(backend, tuning.tuning_weight(e))
-    rule = asyncio.run(tuning.prefill_choice(e))
+    rule = asyncio.run(tuning.rule_choice(e))
     e.close()
     saved = {"matvec": {"rows": 2, "wg": 32}, "matmul": {"xshare": False, "rows": 1}, "attention": {"share": False}}
     cache.write_text(json.dumps({key: saved}))
