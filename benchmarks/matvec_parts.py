@@ -2,7 +2,12 @@
 of its work taken out at a time (the weights' loads, their scales, the activations' loads, the
 4-bit unpacking, the whole loop body).
 
-    python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7]
+    python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7] [--prefill]
+
+--prefill does the same for the prefill mat-mat of 128 tokens in the shape CPU adapters with
+8-lane subgroups run (lavapipe: tuning.MATMUL_XSHARE): as it runs, without the activations' loads,
+without the subgroup broadcasts that share them, without the weights' dequantization, without both
+loads and dequantization.
 
 Each variant is the real WGSL of the tuned Q4_1 mat-vec, edited; the results are wrong on purpose,
 only their times count. A part whose removal saves little is not what bounds the kernel. Prints
@@ -17,6 +22,7 @@ import asyncio
 import os
 import re
 import statistics
+import struct
 import sys
 import time
 
@@ -24,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
 from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes  # noqa: E402
+from pyengine.tuning import MATMUL_XSHARE  # noqa: E402
 
 REPEAT = 20
 
@@ -61,6 +68,28 @@ def empty_body(code):
     return code[:start] + "\n" + "".join(f"        {a} += f32(b);\n" for a in accs) + "    " + code[end:]
 
 
+def mm_no_activation_loads(code):
+    return re.sub(r"X\[xr(\d+) \+ c[^\]]*\]", r"vec4<f32>(f32(xr\1), 1.0, f32(c), 2.0)", code)
+
+
+def mm_no_broadcasts(code):
+    return re.sub(r"subgroupBroadcast\((xv\d+_\d+), \d+u\)", r"\1", code)
+
+
+def mm_no_dequant(code):
+    return re.sub(r"let (w\d+) = dequant\([^;]*\);", r"var \1: array<vec4<f32>, 8>; for (var i = 0u; i < 8u; i++) "
+                  r"{ \1[i] = vec4<f32>(f32(b), f32(j), f32(i), 1.0); }", code)
+
+
+def mm_no_loads_or_dequant(code):
+    return mm_no_dequant(mm_no_activation_loads(code))
+
+
+PREFILL_PARTS = {"as it runs": None, "without activation loads": mm_no_activation_loads,
+                 "without broadcasts": mm_no_broadcasts, "without dequantization": mm_no_dequant,
+                 "without loads, dequantization": mm_no_loads_or_dequant}
+PREFILL_TOKENS = 128
+
 PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without scale loads": no_scale_loads,
          "without activation loads": no_activation_loads, "without 4-bit unpacking": no_unpacking,
          "without the loop body": empty_body}
@@ -71,31 +100,43 @@ async def main():
     ap.add_argument("--rows", type=int, default=1536)
     ap.add_argument("--cols", type=int, default=576)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--prefill", action="store_true", help="the prefill mat-mat instead (see above)")
     a = ap.parse_args()
     be = open_backend("native")
     k = Kernels(be)
-    variant = dict(VARIANTS["matvec"])
-    params = dict(qtype="Q4_1", epilogue="store", bias=False, x_uniform=True, act="silu", **variant)
-    code = k.render("matvec", **params)
     nbytes = packed_nbytes("Q4_1", a.rows, a.cols)
     w = be.create_buffer(nbytes, "weights")
-    x = be.create_buffer(UNIFORM_BYTES, "activations")
-    y = be.create_buffer(a.rows * 4, "out")
-    groups = (-(-a.rows // (variant["wg"] * variant["rows"])), 1, 1)
     plans = {}
-    for name, edit in PARTS.items():
+    if a.prefill:
+        variant = dict(MATMUL_XSHARE)
+        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, **variant)
+        x = be.create_buffer(PREFILL_TOKENS * a.cols * 4, "activations")
+        y = be.create_buffer(PREFILL_TOKENS * a.rows * 4, "out")
+        step = be.create_buffer(256, "step")
+        be.write_buffer(step, 0, struct.pack("<II", 0, PREFILL_TOKENS))
+        groups = (-(-a.rows // (variant["wg"] * variant["rows"])), PREFILL_TOKENS // variant["t"], 1)
+        parts, names = PREFILL_PARTS, {0: "W[", 1: "X[", 6: "W_words["}
+        consts = {"N": a.rows, "K": a.cols, "ROW0": 0, "NOUT": a.rows}
+        fixed = {2: Binding(y), 3: Binding(step)}
+    else:
+        variant = dict(VARIANTS["matvec"])
+        code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=True, act="silu", **variant)
+        x = be.create_buffer(UNIFORM_BYTES, "activations")
+        y = be.create_buffer(a.rows * 4, "out")
+        groups = (-(-a.rows // (variant["wg"] * variant["rows"])), 1, 1)
+        parts, names = PARTS, {0: "W[", 1: "x[", 4: "W_words["}
+        consts = {"N": a.rows, "K": a.cols, "ROW0": 0}
+        fixed = {2: Binding(y)}
+    for name, edit in parts.items():
         src = edit(code) if edit else code
         if edit and src == code:
             raise SystemExit(f"'{name}': the kernel no longer has the code this edit takes out")
-        pipe = be.create_pipeline(src, {"N": a.rows, "K": a.cols, "ROW0": 0}, name)
-        layout_uses = {0: "W[" in src, 1: "x[" in src, 4: "W_words[" in src}
-        binds = {2: Binding(y)}
-        if layout_uses[0]:
-            binds[0] = Binding(w)
-        if layout_uses[1]:
-            binds[1] = Binding(x, 0, UNIFORM_BYTES)
-        if layout_uses[4]:
-            binds[4] = Binding(w)
+        pipe = be.create_pipeline(src, consts, name)
+        body = src[src.index("fn main"):]
+        binds = dict(fixed)
+        for slot, use in names.items():     # a binding the edited kernel no longer reads is not bound
+            if use in body or (slot != 1 and "dequant(" in body):
+                binds[slot] = Binding(x, 0, None if a.prefill else UNIFORM_BYTES) if slot == 1 else Binding(w)
         plans[name] = be.create_plan([Dispatch(pipe, binds, groups, name)] * REPEAT)
     times = {name: [] for name in plans}
     for _ in range(a.rounds + 1):
@@ -106,12 +147,14 @@ async def main():
             be.submit(plan)
             await be.sync()
             times[name].append((time.perf_counter() - t0) / REPEAT)
-    print(f"Q4_1 mat-vec {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB), variant {variant}, "
+    what = f"mat-mat of {PREFILL_TOKENS} tokens" if a.prefill else "mat-vec"
+    print(f"Q4_1 {what} {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB), variant {variant}, "
           f"{be.adapter_info.get('device')}")
     for name, ts in times.items():
         ts = ts[1:]
-        print(f"  {name:28s} median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us"
-              f"   {nbytes / min(ts) / 1e9:5.2f} GB/s")
+        rate = (f"{2 * a.rows * a.cols * PREFILL_TOKENS / min(ts) / 1e9:6.1f} GFLOP/s" if a.prefill
+                else f"{nbytes / min(ts) / 1e9:5.2f} GB/s")
+        print(f"  {name:30s} median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   {rate}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""The page's memory over a cold load in headless Chromium: where it rises, how high, and what is
+left once the model is on the GPU.
+
+    python benchmarks/load_memory.py [--dist dist] [--model NAME] [--runs 3] [--timeline]
+
+`pyengine bench --backend browser` prints one figure, the peak of the renderer processes' resident
+memory while loading. This splits it by phase, sampling every 20 ms in a fresh browser profile for
+each run: `runtime` is the rise while Pyodide and the engine start (up to the first shard's
+progress event), `shards` the highest point while shards download and go to the GPU, `end` what is
+left two seconds after the load, all in MB over the page before the load, medians of --runs. The
+shard phase is what the target "about two shards over the engine's own footprint" speaks of: its
+peak less `end`, in shards of the model's largest size. --timeline prints every run's samples.
+Build a site for another model first (`python build/build.py --model FILE --out DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyengine.bench import _RendererMemory  # noqa: E402
+from pyengine.headless import dist_dir, launch  # noqa: E402
+from pyengine.serve import serve_in_thread  # noqa: E402
+
+LOAD_JS = """async (model) => {
+  const { createEngine } = await import("/web/pyengine.mjs");
+  const t0 = performance.now();
+  const shards = [];
+  window.engine = await createEngine({ model, onProgress: (p) => {
+    if (p.phase === "download" || p.phase === "upload") shards.push((performance.now() - t0) / 1000);
+  } });
+  return { seconds: (performance.now() - t0) / 1000, shards: [shards[0], shards[shards.length - 1]] };
+}"""
+
+
+async def one_run(browser, url: str, manifest: str) -> dict:
+    page = await (await browser.new_context()).new_page()
+    await page.goto(url + "headless.html")
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+    base = _RendererMemory.now()
+    t0 = time.perf_counter()
+
+    def sample():
+        while not stop.wait(0.02):
+            samples.append((time.perf_counter() - t0, _RendererMemory.now() - base))
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        r = await page.evaluate(LOAD_JS, manifest)
+        await asyncio.sleep(2.0)
+    finally:
+        stop.set()
+        th.join()
+    await page.context.close()
+    first, last = r["shards"]
+    runtime = max((m for t, m in samples if t <= first), default=0)
+    shards = max((m for t, m in samples if first <= t <= last + 0.1), default=0)
+    return {"load_s": r["seconds"], "runtime": runtime, "shards": shards, "end": samples[-1][1],
+            "samples": samples}
+
+
+async def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dist", help="the built site (default: ./dist)")
+    ap.add_argument("--model", help="a model of the site's index (default: its default)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--timeline", action="store_true", help="print each run's samples")
+    a = ap.parse_args()
+    from playwright.async_api import async_playwright
+
+    site = dist_dir(a.dist)
+    with open(os.path.join(site, "models", "index.json")) as f:
+        index = json.load(f)
+    rel = index["models"][a.model] if a.model else index["default"]
+    with open(os.path.join(site, "models", rel)) as f:
+        m = json.load(f)
+    shard = max(s["size"] for s in m["shards"])
+    httpd, url = serve_in_thread(site)
+    runs = []
+    try:
+        async with async_playwright() as p:
+            browser = await launch(p)
+            for _ in range(a.runs):
+                runs.append(await one_run(browser, url, url + "models/" + rel))
+            await browser.close()
+    finally:
+        httpd.shutdown()
+    if a.timeline:
+        for i, r in enumerate(runs):
+            print(f"run {i + 1}: " + " ".join(f"{t:.2f}s:{v / 1e6:.0f}" for t, v in r["samples"][::5]))
+    med = {k: statistics.median(r[k] for r in runs) for k in ("load_s", "runtime", "shards", "end")}
+    print(json.dumps({
+        "model": m["model"]["name"], "model_mb": round(m["model"]["size"] / 1e6, 1),
+        "shards": len(m["shards"]), "largest_shard_mb": round(shard / 1e6, 1), "runs": a.runs,
+        "cold_load_s": round(med["load_s"], 2),
+        "runtime_peak_mb": round(med["runtime"] / 1e6, 1),
+        "shard_phase_peak_mb": round(med["shards"] / 1e6, 1),
+        "after_load_mb": round(med["end"] / 1e6, 1),
+        "shard_phase_over_after_in_shards": round(statistics.median(
+            (r["shards"] - r["end"]) / shard for r in runs), 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
