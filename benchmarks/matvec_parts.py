@@ -4,8 +4,9 @@ of its work taken out at a time (the weights' loads, their scales, the activatio
 
     python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7] [--prefill]
 
---prefill does the same for the prefill mat-mat of 128 tokens in the shape CPU adapters with
-8-lane subgroups run (lavapipe: tuning.MATMUL_XSHARE): as it runs, without the activations' loads
+--prefill does the same for one dispatch of the prefill mat-mat in the shape CPU adapters with
+8-lane subgroups run (lavapipe: tuning.MATMUL_XSHARE; as many tokens as the uniform window holds,
+24 at 576 columns): as it runs, without the activations' loads
 (values that differ from lane to lane instead, so that the arithmetic stays),
 without the subgroup broadcasts that share them, without the weights' dequantization, without both
 loads and dequantization.
@@ -89,7 +90,7 @@ def mm_no_loads_or_dequant(code):
 PREFILL_PARTS = {"as it runs": None, "without activation loads": mm_no_activation_loads,
                  "without broadcasts": mm_no_broadcasts, "without dequantization": mm_no_dequant,
                  "without loads, dequantization": mm_no_loads_or_dequant}
-PREFILL_TOKENS = 128
+PREFILL_TOKENS = 128        # where the activations do not fit the uniform window
 
 PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without scale loads": no_scale_loads,
          "without activation loads": no_activation_loads, "without 4-bit unpacking": no_unpacking,
@@ -108,17 +109,23 @@ async def main():
     nbytes = packed_nbytes("Q4_1", a.rows, a.cols)
     w = be.create_buffer(nbytes, "weights")
     plans = {}
+    tokens = 1
     if a.prefill:
         variant = dict(MATMUL_XSHARE)
-        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, **variant)
-        x = be.create_buffer(PREFILL_TOKENS * a.cols * 4, "activations")
-        y = be.create_buffer(PREFILL_TOKENS * a.rows * 4, "out")
+        span = Kernels.matmul_span(a.cols, variant["t"]) if variant.pop("x_window", False) else 0
+        tokens = span or PREFILL_TOKENS
+        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, x_uniform=span > 0,
+                        **variant)
+        x = be.create_buffer(tokens * a.cols * 4 + UNIFORM_BYTES, "activations")
+        y = be.create_buffer(tokens * a.rows * 4, "out")
         step = be.create_buffer(256, "step")
-        be.write_buffer(step, 0, struct.pack("<II", 0, PREFILL_TOKENS))
-        groups = (-(-a.rows // (variant["wg"] * variant["rows"])), PREFILL_TOKENS // variant["t"], 1)
+        be.write_buffer(step, 0, struct.pack("<II", 0, tokens))
+        groups = (-(-a.rows // (variant["wg"] * variant["rows"])), tokens // variant["t"], 1)
         parts, names = PREFILL_PARTS, {0: "W[", 1: "X[", 6: "W_words["}
         consts = {"N": a.rows, "K": a.cols, "ROW0": 0, "NOUT": a.rows}
         fixed = {2: Binding(y), 3: Binding(step)}
+        if span:
+            fixed[4] = Binding(be.create_buffer(256, "first token"), 0, 4)
     else:
         variant = dict(VARIANTS["matvec"])
         code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=True, act="silu", **variant)
@@ -137,7 +144,7 @@ async def main():
         binds = dict(fixed)
         for slot, use in names.items():     # a binding the edited kernel no longer reads is not bound
             if use in body or (slot != 1 and "dequant(" in body):
-                binds[slot] = Binding(x, 0, None if a.prefill else UNIFORM_BYTES) if slot == 1 else Binding(w)
+                binds[slot] = Binding(x, 0, None if a.prefill and not span else UNIFORM_BYTES) if slot == 1 else Binding(w)
         plans[name] = be.create_plan([Dispatch(pipe, binds, groups, name)] * REPEAT)
     times = {name: [] for name in plans}
     for _ in range(a.rounds + 1):
@@ -148,12 +155,12 @@ async def main():
             be.submit(plan)
             await be.sync()
             times[name].append((time.perf_counter() - t0) / REPEAT)
-    what = f"mat-mat of {PREFILL_TOKENS} tokens" if a.prefill else "mat-vec"
+    what = f"mat-mat of {tokens} tokens" if a.prefill else "mat-vec"
     print(f"Q4_1 {what} {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB), variant {variant}, "
           f"{be.adapter_info.get('device')}")
     for name, ts in times.items():
         ts = ts[1:]
-        rate = (f"{2 * a.rows * a.cols * PREFILL_TOKENS / min(ts) / 1e9:6.1f} GFLOP/s" if a.prefill
+        rate = (f"{2 * a.rows * a.cols * tokens / min(ts) / 1e9:6.1f} GFLOP/s" if a.prefill
                 else f"{nbytes / min(ts) / 1e9:5.2f} GB/s")
         print(f"  {name:30s} median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   {rate}")
 
