@@ -56,12 +56,15 @@ class Tensor:
         """`cols` values per token from `offset` bytes on (a multiple of the storage offset alignment)."""
         return Tensor(self.buffer, self.rows, cols, offset=self.offset + offset, base=self)
 
-    def bind(self, size: int | None = None) -> Binding:
+    def bind(self) -> Binding:
         """The binding of this tensor: a view's ends where its values do, so that views of one buffer
         bound to one dispatch do not overlap (WebGPU rejects overlapping bindings one of which writes)."""
-        if size is None and self._base is not None:
-            size = self.rows * self.cols * F32
-        return Binding(self.buffer, self.offset, size)
+        return Binding(self.buffer, self.offset, None if self._base is None else self.rows * self.cols * F32)
+
+    def window(self, row: int = 0) -> Binding:
+        """The uniform window kernels read this tensor through, from token `row` on (the tensor's
+        allocation leaves room for a whole window past its last row)."""
+        return Binding(self.buffer, self.offset + row * self.cols * F32, UNIFORM_BYTES)
 
     def __del__(self):
         if self._pool is not None:
@@ -171,8 +174,7 @@ class GraphBuilder:
             span = self.k.matmul_span(k, params["t"]) if params.pop("x_window", False) else 0
             params["x_uniform"] = span > 0
             if span:        # X through the uniform window, a dispatch per span of tokens that fits it
-                spans = [(i * span, Binding(x.buffer, x.offset + i * span * k * F32, UNIFORM_BYTES),
-                          self.s.tile_index(span, i)) for i in range(-(-x.rows // span))]
+                spans = [(i * span, x.window(i * span), self.s.tile_index(span, i)) for i in range(-(-x.rows // span))]
             else:
                 spans = [(0, x.bind(), None)]
             for row0, rows, buf in w.parts:
@@ -194,7 +196,7 @@ class GraphBuilder:
         for row0, rows, buf in w.parts:
             groups = -(-rows // (params["wg"] * params["rows"]))
             for i in range(-(-x.rows // t)):
-                xb = Binding(x.buffer, x.offset + i * t * k * F32, UNIFORM_BYTES) if uniform else x.bind()
+                xb = x.window(i * t) if uniform else x.bind()
                 binds = self._words({0: buf, 1: xb, 2: out.bind(), 3: self._step(), 4: self.s.tile_index(t, i)},
                                     w, 6, buf)
                 if bias is not None:
@@ -246,7 +248,7 @@ class GraphBuilder:
         """The mat-vec's parameters for weight `w`, the binding of its input and its rows per workgroup."""
         params = self.k.variant("matvec", qtype=w.qtype, x_uniform=self.k.matvec_uniform(w.cols), **extra)
         uniform = params["x_uniform"] and not params["xshare"]
-        return params, x.bind(UNIFORM_BYTES) if uniform else x.bind(), params["wg"] * params["rows"]
+        return params, x.window() if uniform else x.bind(), params["wg"] * params["rows"]
 
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
                 bias: Weight | None = None, act: str = "silu"):
