@@ -32,8 +32,8 @@ def dist_dir(path: str | None = None) -> str:
     return d
 
 
-async def launch(playwright, **kw):
-    return await playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS,
+async def launch(playwright, extra_args=(), **kw):
+    return await playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS + list(extra_args),
                                             headless=True, **kw)
 
 

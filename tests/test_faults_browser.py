@@ -56,12 +56,13 @@ def test_shard_corrupted_inside_indexeddb_is_fetched_again(browser, site, tiny_e
       const db = await new Promise((ok, no) => { const r = indexedDB.open("pyengine"); r.onsuccess = () => ok(r.result); r.onerror = no; });
       const keys = await new Promise((ok) => { const r = db.transaction("shards").objectStore("shards").getAllKeys(); r.onsuccess = () => ok(r.result); });
       const key = keys[2];
-      const tx = db.transaction("shards", "readwrite");
-      const store = tx.objectStore("shards");
-      const rec = await new Promise((ok) => { const r = store.get(key); r.onsuccess = () => ok(r.result); });
-      const bytes = new Uint8Array(rec.data);
+      const rec = await new Promise((ok) => { const r = db.transaction("shards").objectStore("shards").get(key); r.onsuccess = () => ok(r.result); });
+      if (!(rec.data instanceof Blob)) throw new Error("a shard is stored as a Blob");
+      const bytes = new Uint8Array(await rec.data.arrayBuffer());
       bytes[bytes.length >> 1] ^= 0x40;
-      store.put(rec);
+      rec.data = new Blob([bytes]);
+      const tx = db.transaction("shards", "readwrite");
+      tx.objectStore("shards").put(rec);
       await new Promise((ok) => { tx.oncomplete = ok; });
       return key[1];
     }""")
@@ -74,7 +75,7 @@ def test_shard_corrupted_inside_indexeddb_is_fetched_again(browser, site, tiny_e
     ctx.close()
 
 
-@pytest.mark.parametrize("fault", ["corrupt", "short", "http500", "stall"])
+@pytest.mark.parametrize("fault", ["corrupt", "short", "long", "http500", "stall"])
 def test_a_bad_shard_response_is_retried(browser, site, tiny_expected, fault):
     _, url = site
     ctx, page = open_page(browser, url)
@@ -92,6 +93,8 @@ def test_a_bad_shard_response_is_retried(browser, site, tiny_expected, fault):
             route.fulfill(response=resp, body=body[:100] + bytes([body[100] ^ 1]) + body[101:])
         elif fault == "short":
             route.fulfill(response=resp, body=body[: len(body) // 2])
+        elif fault == "long":
+            route.fulfill(response=resp, body=body + b"\0")
         elif fault == "http500":
             route.fulfill(status=500, body="server trouble")
         # "stall": never answer; the store gives up after stallMs and tries again
@@ -473,3 +476,58 @@ def test_an_upload_that_needs_few_shards_lets_the_rest_download(fine_page):
       return { result, stored: (await store.storedIndices()).size };
     }""", model)
     assert r == {"result": manifest["shards"][0]["size"], "stored": len(manifest["shards"])}
+
+
+@pytest.mark.parametrize("body", ["byte stream", "plain stream"])
+def test_every_shard_is_read_into_the_same_few_buffers(fine_page, body):
+    # a cold load then a warm one: each shard's bytes are right, and the buffers they were read into
+    # (straight from a byte stream, chunk by chunk from any other) are no more than the window plus
+    # the one being used, for a model of many shards
+    page, model, manifest = fine_page
+    r = page.evaluate("""async ([model, plain]) => {
+      const { ShardStore, sha256Hex } = await import("/web/shards.js");
+      const fetchImpl = plain ? async (url, init) => {
+        const res = await fetch(url, init);
+        const reader = res.body.getReader();
+        const body = new ReadableStream({ async pull(c) {
+          const { done, value } = await reader.read();
+          if (done) c.close(); else c.enqueue(value);
+        } });
+        return new Response(body, { status: res.status });
+      } : undefined;
+      const run = async (store) => {
+        const hashes = [];
+        await store.load(() => {}, async () => {
+          for (let i = 0; i < store.manifest.shards.length; i++) hashes.push(await sha256Hex(await store.shardBytes(i)));
+        });
+        return { hashes, made: store.buffers.made, fetched: store.requests };
+      };
+      const cold = await run(await ShardStore.open(model, { fetchImpl }));
+      const warm = await run(await ShardStore.open(model, { fetchImpl }));
+      return { cold, warm };
+    }""", [model, body == "plain stream"])
+    want = [s["sha256"] for s in manifest["shards"]]
+    assert r["cold"]["hashes"] == want and r["warm"]["hashes"] == want
+    assert r["cold"]["fetched"] == len(want) > 10 and r["warm"]["fetched"] == 0
+    assert 1 <= r["cold"]["made"] <= 2 and 1 <= r["warm"]["made"] <= 2, r
+
+
+def test_a_shard_stored_as_an_array_buffer_is_still_read(browser, site, tiny_expected):
+    # earlier versions stored each shard's bytes as an ArrayBuffer: such a cache loads without a request
+    _, url = site
+    ctx, page = open_page(browser, url)
+    page.evaluate(LOAD_JS, tiny_url(url))
+    page.evaluate("""async () => {
+      const db = await new Promise((ok, no) => { const r = indexedDB.open("pyengine"); r.onsuccess = () => ok(r.result); r.onerror = no; });
+      const recs = await new Promise((ok) => { const r = db.transaction("shards").objectStore("shards").getAll(); r.onsuccess = () => ok(r.result); });
+      for (const rec of recs) rec.data = await rec.data.arrayBuffer();
+      const tx = db.transaction("shards", "readwrite");
+      for (const rec of recs) tx.objectStore("shards").put(rec);
+      await new Promise((ok) => { tx.oncomplete = ok; });
+    }""")
+    page.reload()
+    page.requests.clear()
+    info = page.evaluate(LOAD_JS, tiny_url(url))
+    assert info["shardsFetched"] == 0 and not shard_requests(page)
+    assert page.evaluate(TINY_ASK_JS, QUESTION) == tiny_expected
+    ctx.close()

@@ -2,6 +2,8 @@
 // WebGPU objects and replays whole plans, so Python makes a few calls per token, not one
 // per dispatch.
 
+const WRITE_CHUNK = 1 << 20;     // bytes per queue.writeBuffer of weights (a multiple of 4)
+
 const BUFFER_USAGE = () =>
   GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
 
@@ -88,10 +90,15 @@ export class Replayer {
     this.device.queue.writeBuffer(this._get(id), offset, data);
   }
 
-  // bytes [start, start + n) of `src` (a Uint8Array) into buffer `id` at `dst`, n padded to 4
+  // bytes [start, start + n) of `src` (a Uint8Array) into buffer `id` at `dst`, n padded to 4, in
+  // writes of at most WRITE_CHUNK: the browser stages each write in shared memory with the GPU
+  // process, and a shard's worth at once held ~20 MB more of it while loading (benchmarks/load_memory.py)
   writeBytes(id, dst, src, start, n) {
     const whole = n & ~3;
-    if (whole) this.device.queue.writeBuffer(this._get(id), dst, src.buffer, src.byteOffset + start, whole);
+    const buffer = this._get(id);
+    for (let done = 0; done < whole; done += WRITE_CHUNK) {
+      this.device.queue.writeBuffer(buffer, dst + done, src.buffer, src.byteOffset + start + done, Math.min(WRITE_CHUNK, whole - done));
+    }
     if (n > whole) {
       const tail = new Uint8Array(4);
       tail.set(src.subarray(start + whole, start + n));

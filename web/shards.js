@@ -1,5 +1,5 @@
-// Where the download cache lives: model shards in IndexedDB, each verified by sha256
-// before it is stored and again before its bytes go to the GPU.
+// Where the download cache lives: model shards in IndexedDB (each a Blob), each verified by
+// sha256 before it is stored and again before its bytes go to the GPU.
 
 const DB_NAME = "pyengine";
 const DB_VERSION = 2;      // 2: a "settings" store (kernel tuning per adapter) beside models and shards
@@ -88,13 +88,79 @@ function withLock(id, mode, fn) {
 const STOPPED = "the download stopped because the load failed";
 const MB = (n) => `${(n / 1e6).toFixed(1)} MB`;
 
+// The buffers shard bytes are read into, used again and again: a download or a read from IndexedDB
+// fills one, and it comes back once the upload has moved past its shard. A load then allocates a
+// few buffers, not one per shard (plus the fetch's chunks) that V8 frees only when it next collects:
+// garbage that kept the page several shards above its footprint while loading.
+class BufferPool {
+  constructor(size, keep) {
+    this.size = size;
+    this.keep = keep;
+    this.free = [];
+    this.made = 0;               // buffers allocated: a load of any number of shards needs keep of them
+  }
+
+  take(n) {
+    if (n <= this.size && this.free.length) return this.free.pop();
+    this.made += 1;
+    return new ArrayBuffer(Math.max(n, this.size));
+  }
+
+  // A buffer a stream has detached has no bytes left: it is dropped.
+  give(buf) {
+    if (buf && buf.byteLength === this.size && this.free.length < this.keep && !this.free.includes(buf)) this.free.push(buf);
+  }
+}
+
+// Reads a body of exactly `size` bytes into a buffer of `pool`: straight into it where the stream
+// can (a byte stream's BYOB reader), chunk by chunk otherwise. Resolves to a view of the bytes;
+// throws when the body is shorter or longer. `alive()` runs before each read (a stall timer).
+async function readBody(body, size, pool, alive = () => {}) {
+  let byob = null;
+  try { byob = body.getReader({ mode: "byob" }); } catch (e) { byob = null; }
+  let buf = pool.take(size);
+  let n = 0;
+  const tooLong = () => new Error(`got more than ${size} bytes, expected ${size}`);
+  if (byob) {
+    while (n < size) {
+      alive();
+      const { done, value } = await byob.read(new Uint8Array(buf, n, size - n));
+      if (value) buf = value.buffer;        // the same memory, handed back by the stream
+      if (done) break;
+      n += value.byteLength;
+    }
+    if (n === size) {
+      alive();
+      const { done } = await byob.read(new Uint8Array(1));
+      if (!done) { byob.cancel().catch(() => {}); throw tooLong(); }
+    }
+  } else {
+    const reader = body.getReader();
+    const out = new Uint8Array(buf, 0, size);
+    for (;;) {
+      alive();
+      const { done, value } = await reader.read();
+      if (done) break;
+      if (n + value.byteLength > size) { reader.cancel().catch(() => {}); throw tooLong(); }
+      out.set(value, n);
+      n += value.byteLength;
+    }
+  }
+  if (n !== size) {
+    pool.give(buf);
+    throw new Error(`got ${n} bytes, expected ${size}`);
+  }
+  return new Uint8Array(buf, 0, size);
+}
+
 // The hand-over between a download and the upload that runs beside it: shards arrive in any order,
 // the upload takes them in file order, and no more than `window` of them are downloading or waiting
 // to be taken at once. A shard the upload has gone past is not kept (it is stored: a later read of
 // it comes from IndexedDB).
 class ShardPipe {
-  constructor(window) {
+  constructor(window, recycle = () => {}) {
     this.window = Math.max(1, window);
+    this.recycle = recycle;      // takes the bytes of a shard nobody will use
     this.slots = new Map();      // index -> {promise, resolve, reject, data, state}
     this.frontier = -1;          // the highest index the upload has asked for
     this.held = 0;               // shards downloading or waiting to be taken
@@ -130,6 +196,7 @@ class ShardPipe {
   _wake() { for (const w of this.wakers.splice(0)) w(); }
 
   _free(slot) {
+    if (slot.data) this.recycle(slot.data);
     slot.data = null;
     if (slot.state === "arrived") { this.held -= 1; slot.state = "gone"; this._wake(); }
   }
@@ -151,6 +218,7 @@ class ShardPipe {
     if (!slot || slot.state === "gone") return null;
     await slot.promise;
     const data = slot.data;
+    slot.data = null;
     this._free(slot);
     return data;
   }
@@ -173,7 +241,9 @@ class ShardPipe {
 }
 
 export class ShardStore {
-  constructor(manifestUrl, manifest, { concurrency = 2, fetchImpl, attempts = 4, backoffMs = 500,
+  // One shard downloads while the one before it goes to the GPU: two downloading at once held a
+  // third shard's bytes in memory and loaded no faster (benchmarks/load_memory.py).
+  constructor(manifestUrl, manifest, { concurrency = 1, fetchImpl, attempts = 4, backoffMs = 500,
                                        stallMs = 30000 } = {}) {
     this.url = manifestUrl;
     this.manifest = checkManifest(manifest);
@@ -185,6 +255,8 @@ export class ShardStore {
     this.fetch = fetchImpl || ((...a) => fetch(...a));
     this.current = null;               // the one shard held in memory while uploading
     this.requests = 0;
+    // the shards downloading or waiting and the one being uploaded (or read from IndexedDB)
+    this.buffers = new BufferPool(Math.max(...this.manifest.shards.map((s) => s.size)), concurrency + 1);
   }
 
   static async open(manifestUrl, opts) {
@@ -241,7 +313,7 @@ export class ShardStore {
   }
 
   async _loadDownloading(onProgress, use) {
-    const pipe = this.pipe = new ShardPipe(this.concurrency);
+    const pipe = this.pipe = new ShardPipe(this.concurrency, (bytes) => this.buffers.give(bytes.buffer));
     const download = this._fetchMissing(onProgress, pipe).catch((e) => { pipe.fail(e); throw e; });
     download.catch(() => {});
     let result;
@@ -324,7 +396,7 @@ export class ShardStore {
   async _store(i, data) {
     const db = await openDB();
     const tx = db.transaction("shards", "readwrite");
-    tx.objectStore("shards").put({ model: this.id, index: i, sha256: this.manifest.shards[i].sha256, data });
+    tx.objectStore("shards").put({ model: this.id, index: i, sha256: this.manifest.shards[i].sha256, data: new Blob([data]) });
     try {
       await done(tx);
     } catch (e) {
@@ -345,7 +417,10 @@ export class ShardStore {
       try {
         this.requests++;
         const data = await this._download(url, s.size);
-        if ((await sha256Hex(data)) !== s.sha256) throw new Error("its sha256 does not match the manifest");
+        if ((await sha256Hex(data)) !== s.sha256) {
+          this.buffers.give(data.buffer);
+          throw new Error("its sha256 does not match the manifest");
+        }
         return data;
       } catch (e) {
         last = e;
@@ -354,37 +429,26 @@ export class ShardStore {
     throw new Error(`shard ${s.file} could not be downloaded after ${this.attempts} attempts: ${last && last.message}`);
   }
 
-  // The body, `size` bytes read straight into one buffer, failing when no byte arrives for stallMs
-  // (a stalled connection never ends by itself) or when the body is not `size` bytes long.
+  // The body, `size` bytes read into a buffer of the pool (a view of them), failing when no byte
+  // arrives for stallMs (a stalled connection never ends by itself) or when the body is not `size`
+  // bytes long.
   async _download(url, size) {
     const ctl = new AbortController();
-    let timer = setTimeout(() => ctl.abort(), this.stallMs);
-    const wrongSize = (n) => new Error(`got ${n} bytes, expected ${size}`);
+    let timer = null;
+    const alive = () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => ctl.abort(), this.stallMs);
+    };
+    alive();
     try {
       const res = await this.fetch(url, { signal: ctl.signal });
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
       if (!res.body) {
         const data = await res.arrayBuffer();
-        if (data.byteLength !== size) throw wrongSize(data.byteLength);
-        return data;
+        if (data.byteLength !== size) throw new Error(`got ${data.byteLength} bytes, expected ${size}`);
+        return new Uint8Array(data);
       }
-      const reader = res.body.getReader();
-      const out = new Uint8Array(size);
-      let n = 0;
-      for (;;) {
-        clearTimeout(timer);
-        timer = setTimeout(() => ctl.abort(), this.stallMs);
-        const { done: end, value } = await reader.read();
-        if (end) break;
-        if (n + value.byteLength > size) {
-          reader.cancel().catch(() => {});
-          throw new Error(`got more than ${size} bytes, expected ${size}`);
-        }
-        out.set(value, n);
-        n += value.byteLength;
-      }
-      if (n !== size) throw wrongSize(n);
-      return out.buffer;
+      return await readBody(res.body, size, this.buffers, alive);
     } catch (e) {
       if (ctl.signal.aborted) throw new Error(`no data for ${this.stallMs / 1000} s`);
       throw e;
@@ -393,27 +457,45 @@ export class ShardStore {
     }
   }
 
+  // A stored shard's bytes in a buffer of the pool: a Blob (or an ArrayBuffer, as earlier versions
+  // stored them), or null where there is none.
+  async _readStored(data) {
+    if (data instanceof ArrayBuffer) return new Uint8Array(data);
+    if (!(data instanceof Blob)) return null;
+    try {
+      return await readBody(data.stream(), data.size, this.buffers);
+    } catch (e) {
+      return null;        // unreadable: fetched again
+    }
+  }
+
+  _drop() {
+    if (this.current) this.buffers.give(this.current.bytes.buffer);
+    this.current = null;
+  }
+
   async shardBytes(i) {
     if (this.current && this.current.index === i) return this.current.bytes;
-    this.current = null;
+    this._drop();
     const fresh = this.pipe && await this.pipe.take(i);    // just downloaded and verified
     if (fresh) {
-      this.current = { index: i, bytes: new Uint8Array(fresh) };
-      return this.current.bytes;
+      this.current = { index: i, bytes: fresh };
+      return fresh;
     }
     const db = await openDB();
     const tx = db.transaction("shards", "readonly");
     const rec = await req(tx.objectStore("shards").get([this.id, i]));
-    let data = rec && rec.data;
-    if (!data || (await sha256Hex(data)) !== this.manifest.shards[i].sha256) {
+    let bytes = rec ? await this._readStored(rec.data) : null;
+    if (!bytes || (await sha256Hex(bytes)) !== this.manifest.shards[i].sha256) {
       // missing or changed inside IndexedDB since it was stored: never upload it; fetch it again
+      if (bytes) this.buffers.give(bytes.buffer);
       this.refetched = (this.refetched || 0) + 1;
       await this._deleteShard(i);
-      data = await this._fetchShard(i);
-      await this._store(i, data);
+      bytes = await this._fetchShard(i);
+      await this._store(i, bytes);
     }
-    this.current = { index: i, bytes: new Uint8Array(data) };
-    return this.current.bytes;
+    this.current = { index: i, bytes };
+    return bytes;
   }
 
   async _deleteShard(i) {
@@ -445,7 +527,11 @@ export class ShardStore {
     if (n > 0) throw new Error("a tensor reaches past the end of the model's shards");
   }
 
-  release() { this.current = null; }
+  // The upload is done with the shards: what the pool holds goes too.
+  release() {
+    this.current = null;
+    this.buffers.free = [];
+  }
 }
 
 export async function listCachedModels() {
