@@ -531,3 +531,36 @@ def test_a_shard_stored_as_an_array_buffer_is_still_read(browser, site, tiny_exp
     assert info["shardsFetched"] == 0 and not shard_requests(page)
     assert page.evaluate(TINY_ASK_JS, QUESTION) == tiny_expected
     ctx.close()
+
+
+def test_a_body_that_stops_half_way_is_given_up_and_fetched_again(fine_page):
+    # the response starts, then no byte comes: after stallMs the shard is fetched again
+    page, model, manifest = fine_page
+    r = page.evaluate("""async (model) => {
+      const { ShardStore, sha256Hex } = await import("/web/shards.js");
+      const calls = {};
+      const fetchImpl = async (url, init) => {
+        const res = await fetch(url, init);
+        calls[url] = (calls[url] || 0) + 1;
+        if (!url.endsWith("shard-00003.bin") || calls[url] > 1) return res;
+        const reader = res.body.getReader();
+        let sent = false;
+        const body = new ReadableStream({ async pull(c) {
+          if (sent) return new Promise(() => {});          // never another byte
+          const { value } = await reader.read();
+          c.enqueue(value.subarray(0, 100));
+          sent = true;
+        } });
+        return new Response(body, { status: 200 });
+      };
+      const store = await ShardStore.open(model, { fetchImpl, stallMs: 1000, backoffMs: 10 });
+      const hashes = [];
+      const load = store.load(() => {}, async () => {
+        for (let i = 0; i < store.manifest.shards.length; i++) hashes.push(await sha256Hex(await store.shardBytes(i)));
+      });
+      const late = new Promise((ok) => setTimeout(() => ok("still waiting after 20 s"), 20000));
+      if ((await Promise.race([load, late])) === "still waiting after 20 s") return { hashes: "stalled" };
+      return { hashes, calls: Object.entries(calls).filter(([u, n]) => n > 1).map(([u, n]) => [u.split("/").pop(), n]) };
+    }""", model)
+    assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
+    assert r["calls"] == [["shard-00003.bin", 2]]

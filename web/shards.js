@@ -114,32 +114,40 @@ class BufferPool {
 
 // Reads a body of exactly `size` bytes into a buffer of `pool`: straight into it where the stream
 // can (a byte stream's BYOB reader), chunk by chunk otherwise. Resolves to a view of the bytes;
-// throws when the body is shorter or longer. `alive()` runs before each read (a stall timer).
-async function readBody(body, size, pool, alive = () => {}) {
+// throws when the body is shorter or longer, or when no byte arrives for stallMs (a stalled stream
+// never ends by itself).
+async function readBody(body, size, pool, stallMs) {
   let byob = null;
   try { byob = body.getReader({ mode: "byob" }); } catch (e) { byob = null; }
+  const reader = byob || body.getReader();
+  const read = (view) => {
+    let timer = null;
+    const stalled = new Promise((_, bad) => {
+      timer = setTimeout(() => {
+        reader.cancel().catch(() => {});
+        bad(new Error(`no data for ${stallMs / 1000} s`));
+      }, stallMs);
+    });
+    return Promise.race([view ? reader.read(view) : reader.read(), stalled]).finally(() => clearTimeout(timer));
+  };
   let buf = pool.take(size);
   let n = 0;
   const tooLong = () => new Error(`got more than ${size} bytes, expected ${size}`);
   if (byob) {
     while (n < size) {
-      alive();
-      const { done, value } = await byob.read(new Uint8Array(buf, n, size - n));
+      const { done, value } = await read(new Uint8Array(buf, n, size - n));
       if (value) buf = value.buffer;        // the same memory, handed back by the stream
       if (done) break;
       n += value.byteLength;
     }
     if (n === size) {
-      alive();
-      const { done } = await byob.read(new Uint8Array(1));
-      if (!done) { byob.cancel().catch(() => {}); throw tooLong(); }
+      const { done } = await read(new Uint8Array(1));
+      if (!done) { reader.cancel().catch(() => {}); throw tooLong(); }
     }
   } else {
-    const reader = body.getReader();
     const out = new Uint8Array(buf, 0, size);
     for (;;) {
-      alive();
-      const { done, value } = await reader.read();
+      const { done, value } = await read(null);
       if (done) break;
       if (n + value.byteLength > size) { reader.cancel().catch(() => {}); throw tooLong(); }
       out.set(value, n);
@@ -434,21 +442,17 @@ export class ShardStore {
   // bytes long.
   async _download(url, size) {
     const ctl = new AbortController();
-    let timer = null;
-    const alive = () => {
-      clearTimeout(timer);
-      timer = setTimeout(() => ctl.abort(), this.stallMs);
-    };
-    alive();
+    const timer = setTimeout(() => ctl.abort(), this.stallMs);    // until the response starts
     try {
       const res = await this.fetch(url, { signal: ctl.signal });
+      clearTimeout(timer);
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
       if (!res.body) {
         const data = await res.arrayBuffer();
         if (data.byteLength !== size) throw new Error(`got ${data.byteLength} bytes, expected ${size}`);
         return new Uint8Array(data);
       }
-      return await readBody(res.body, size, this.buffers, alive);
+      return await readBody(res.body, size, this.buffers, this.stallMs);
     } catch (e) {
       if (ctl.signal.aborted) throw new Error(`no data for ${this.stallMs / 1000} s`);
       throw e;
@@ -463,7 +467,7 @@ export class ShardStore {
     if (data instanceof ArrayBuffer) return new Uint8Array(data);
     if (!(data instanceof Blob)) return null;
     try {
-      return await readBody(data.stream(), data.size, this.buffers);
+      return await readBody(data.stream(), data.size, this.buffers, this.stallMs);
     } catch (e) {
       return null;        // unreadable: fetched again
     }
