@@ -110,6 +110,8 @@ class BufferPool {
   give(buf) {
     if (buf && buf.byteLength === this.size && this.free.length < this.keep && !this.free.includes(buf)) this.free.push(buf);
   }
+
+  clear() { this.free = []; }
 }
 
 // Reads a body of exactly `size` bytes into a buffer of `pool`: straight into it where the stream
@@ -534,7 +536,7 @@ export class ShardStore {
   // The upload is done with the shards: what the pool holds goes too.
   release() {
     this.current = null;
-    this.buffers.free = [];
+    this.buffers.clear();
   }
 }
 
