@@ -2,7 +2,7 @@
 of its work taken out at a time (the weights' loads, their scales, the activations' loads, the
 4-bit unpacking, the whole loop body).
 
-    python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7] [--prefill]
+    python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7] [--prefill | --variants]
 
 --prefill does the same for one dispatch of the prefill mat-mat in the shape CPU adapters with
 8-lane subgroups run (lavapipe: tuning.MATMUL_XSHARE; as many tokens as the uniform window holds,
@@ -10,6 +10,9 @@ of its work taken out at a time (the weights' loads, their scales, the activatio
 (values that differ from lane to lane instead, so that the arithmetic stays),
 without the subgroup broadcasts that share them, without the weights' dequantization, without both
 loads and dequantization.
+
+--variants instead times every mat-vec variant the tuner may choose on this adapter (pyengine/tuning.py),
+whole, fastest first: what the first load on an adapter measures, at any shape.
 
 Each variant is the real WGSL of the tuned Q4_1 mat-vec, edited; the results are wrong on purpose,
 only their times count. A part whose removal saves little is not what bounds the kernel. Prints
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import statistics
@@ -32,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
 from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes  # noqa: E402
-from pyengine.tuning import MATMUL_XSHARE  # noqa: E402
+from pyengine.tuning import MATMUL_XSHARE, every_variant, subgroup_size  # noqa: E402
 
 REPEAT = 20
 
@@ -97,17 +101,55 @@ PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without s
          "without the loop body": empty_body}
 
 
+async def replay_times(be, plans: dict, rounds: int) -> dict:
+    """Seconds per dispatch of each plan of REPEAT dispatches, round after round, the plans taking turns."""
+    times = {name: [] for name in plans}
+    for _ in range(rounds + 1):
+        for name, plan in plans.items():
+            be.submit(plan)
+            await be.sync()
+            t0 = time.perf_counter()
+            be.submit(plan)
+            await be.sync()
+            times[name].append((time.perf_counter() - t0) / REPEAT)
+    return {name: ts[1:] for name, ts in times.items()}
+
+
+async def time_variants(be, k, w, nbytes, a):
+    lanes = await subgroup_size(be, k)
+    x = be.create_buffer(max(UNIFORM_BYTES, a.cols * 4), "activations")
+    y = be.create_buffer(a.rows * 4, "out")
+    plans = {}
+    for v in every_variant(lanes):
+        v = {**VARIANTS["matvec"], **v}
+        uniform = k.matvec_uniform(a.cols) and not v["xshare"]
+        code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=uniform, act="silu", **v)
+        pipe = be.create_pipeline(code, {"N": a.rows, "K": a.cols, "ROW0": 0}, "mat-vec")
+        binds = {0: Binding(w), 1: Binding(x, 0, UNIFORM_BYTES if uniform else None), 2: Binding(y), 4: Binding(w)}
+        groups = (-(-a.rows // (v["wg"] * v["rows"])), 1, 1)
+        plans[json.dumps(v)] = be.create_plan([Dispatch(pipe, binds, groups, "mat-vec")] * REPEAT)
+    times = await replay_times(be, plans, a.rounds)
+    print(f"Q4_1 mat-vec {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB), every variant the tuner may choose on "
+          f"{be.adapter_info.get('device')} (subgroups of {lanes} lanes)")
+    for name, ts in sorted(times.items(), key=lambda t: min(t[1])):
+        print(f"  median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   "
+              f"{nbytes / min(ts) / 1e9:5.2f} GB/s   {name}")
+
+
 async def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1536)
     ap.add_argument("--cols", type=int, default=576)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--prefill", action="store_true", help="the prefill mat-mat instead (see above)")
+    ap.add_argument("--variants", action="store_true", help="every mat-vec variant the tuner may choose, whole")
     a = ap.parse_args()
     be = open_backend("native")
     k = Kernels(be)
     nbytes = packed_nbytes("Q4_1", a.rows, a.cols)
     w = be.create_buffer(nbytes, "weights")
+    if a.variants:
+        return await time_variants(be, k, w, nbytes, a)
     plans = {}
     tokens = 1
     if a.prefill:
@@ -146,20 +188,11 @@ async def main():
             if use in body or (slot != 1 and "dequant(" in body):
                 binds[slot] = Binding(x, 0, None if a.prefill and not span else UNIFORM_BYTES) if slot == 1 else Binding(w)
         plans[name] = be.create_plan([Dispatch(pipe, binds, groups, name)] * REPEAT)
-    times = {name: [] for name in plans}
-    for _ in range(a.rounds + 1):
-        for name, plan in plans.items():
-            be.submit(plan)
-            await be.sync()
-            t0 = time.perf_counter()
-            be.submit(plan)
-            await be.sync()
-            times[name].append((time.perf_counter() - t0) / REPEAT)
+    times = await replay_times(be, plans, a.rounds)
     what = f"mat-mat of {tokens} tokens" if a.prefill else "mat-vec"
     print(f"Q4_1 {what} {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB), variant {variant}, "
           f"{be.adapter_info.get('device')}")
     for name, ts in times.items():
-        ts = ts[1:]
         rate = (f"{2 * a.rows * a.cols * tokens / min(ts) / 1e9:6.1f} GFLOP/s" if a.prefill
                 else f"{nbytes / min(ts) / 1e9:5.2f} GB/s")
         print(f"  {name:30s} median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   {rate}")

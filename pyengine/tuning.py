@@ -28,9 +28,13 @@ from .gpu import Binding, Dispatch
 from .graph import GraphBuilder
 
 SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "wg": 32}]}
-# with subgroups: activations shared by shuffles, 4-bit values through unpack4x8unorm (SwiftShader's shape)
-SUBGROUP_SPACE = {"matvec": [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
-                             {"rows": 2, "wg": 32, "xshare": True, "unpack": True}]}
+# with subgroups: activations shared by broadcasts. Subgroups of 4 lanes (SwiftShader) also want the 4-bit
+# values through unpack4x8unorm (2.2x faster there); 8 lanes or more (lavapipe, GPUs) want them by shifts
+# (unpack4x8unorm is 1.5-2.3x slower on lavapipe, where shared activations beat the uniform window by
+# 3-20% depending on the shape: benchmarks/matvec_parts.py --variants)
+SUBGROUP_SPACE = {"matvec": {4: [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
+                                 {"rows": 2, "wg": 32, "xshare": True, "unpack": True}],
+                             8: [{"rows": 4, "wg": 32, "xshare": True, "unpack": False}]}}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 64, "xshare": True, "rows": 1, "t": 8, "xl": 8, "x_window": True}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 4, "unpack": True, "tmax": 16}
@@ -38,12 +42,19 @@ MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 4, "unpack": True, "tmax"
 # barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token)
 ATTENTION_CPU = {"decode_split": 8}
 ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
-VERSION = 5      # a change to the kernels or the space makes older measurements stale
+VERSION = 6      # a change to the kernels or the space makes older measurements stale
 
 
-def space(backend) -> list[dict]:
-    extra = SUBGROUP_SPACE["matvec"] if "subgroups" in backend.features else []
+def space(lanes: int) -> list[dict]:
+    """The mat-vec variants timed on an adapter whose subgroups hold `lanes` (0: no subgroups)."""
+    extra = SUBGROUP_SPACE["matvec"][8 if lanes >= 8 else 4] if lanes >= 4 else []
     return SPACE["matvec"] + extra
+
+
+def every_variant(lanes: int) -> list[dict]:
+    """Every mat-vec variant some adapter may choose that runs on subgroups of `lanes` (the shared ones
+    need 4)."""
+    return SPACE["matvec"] + ([v for vs in SUBGROUP_SPACE["matvec"].values() for v in vs] if lanes >= 4 else [])
 
 
 def adapter_key(backend) -> str:
@@ -159,7 +170,7 @@ async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None
     key = choice_key(engine.backend, weight)
     if cache and isinstance(cache.get(key), dict) and isinstance(cache[key].get("matvec"), dict):
         return {"matvec": cache[key]["matvec"]}, "cached", key
-    variants = space(engine.backend)
+    variants = space(await subgroup_size(engine.backend, engine.kernels))
     times = await measure_variants(engine, weight, variants)
     return {"matvec": dict(variants[times.index(min(times))])}, "measured", key
 

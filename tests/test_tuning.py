@@ -10,6 +10,11 @@ import pytest
 
 from pyengine import tuning
 from pyengine.engine import Engine
+from pyengine.kernels import Kernels
+
+
+def lanes(backend) -> int:
+    return asyncio.run(tuning.subgroup_size(backend, Kernels(backend)))
 
 
 @pytest.fixture
@@ -37,8 +42,8 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
     assert first.tuning == {"matvec": fast, **asyncio.run(tuning.rule_choice(first))}
     assert first.tuning_source == "measured"
     assert first.tuning_key.startswith(tuning.adapter_key(backend) + ":")      # and the weight's shape
-    assert built == tuning.space(backend)
-    assert calls == tuning.space(backend) * 5          # the variants take turns, round after round
+    assert built == tuning.space(lanes(backend))
+    assert calls == tuning.space(lanes(backend)) * 5          # the variants take turns, round after round
     assert any('"rows": 2' in key[1] for key in first.kernels._pipelines if key[0] == "matvec")
     assert json.loads(cache.read_text())[first.tuning_key] == first.tuning
     first.close()
@@ -65,15 +70,16 @@ def test_a_model_of_another_shape_is_measured_for_itself(tiny_llama, backend, ca
 def test_a_variant_timer_measures_the_real_kernel(tiny_llama, backend):
     e = Engine.load(tiny_llama, backend, context_length=64, tune=False)
     w = max((w for w in e.weights.values() if w.rows > 1 and w.qtype != "F32"), key=lambda w: w.nbytes)
-    times = asyncio.run(tuning.measure_variants(e, w, tuning.space(backend), rounds=2))
-    assert len(times) == len(tuning.space(backend)) and all(0 < t < 1 for t in times)
+    variants = tuning.every_variant(lanes(backend))
+    times = asyncio.run(tuning.measure_variants(e, w, variants, rounds=2))
+    assert len(times) == len(variants) and all(0 < t < 1 for t in times)
     e.close()
 
 
 def test_every_variant_gives_the_same_logits(tiny_llama, backend):
     ids = list(range(3, 40))
     outs = []
-    for variant in tuning.space(backend):
+    for variant in tuning.every_variant(lanes(backend)):
         e = Engine.load(tiny_llama, backend, context_length=64, tuning={"matvec": variant}, tune=False)
         outs.append(np.array(asyncio.run(e.logits(ids))))
         e.close()
@@ -118,3 +124,15 @@ def test_a_cached_choice_keeps_its_mat_vec_and_takes_the_prefill_kernels_by_toda
     assert e.tuning == {"matvec": saved["matvec"], **rule}
     assert rule != {k: saved[k] for k in rule}       # on lavapipe the rule picks the shared kernels
     e.close()
+
+
+def test_the_variants_timed_follow_the_subgroup_size():
+    """4-lane subgroups (SwiftShader) time the shared mat-vecs that unpack by unpack4x8unorm, 8 lanes or
+    more (lavapipe, GPUs) the ones that unpack by shifts, and no subgroups none that share."""
+    def shared(lanes):
+        return [v for v in tuning.space(lanes) if v.get("xshare")]
+
+    assert shared(0) == [] and shared(2) == []
+    assert shared(4) and all(v["unpack"] for v in shared(4))
+    assert shared(8) and shared(32) == shared(8) and not any(v["unpack"] for v in shared(8))
+    assert all(v in tuning.every_variant(8) for v in shared(4) + shared(8))
