@@ -31,10 +31,11 @@ SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "w
 # with subgroups: activations shared by broadcasts. Subgroups of 4 lanes (SwiftShader) also want the 4-bit
 # values through unpack4x8unorm (2.2x faster there); 8 lanes or more (lavapipe, GPUs) want them by shifts
 # (unpack4x8unorm is 1.5-2.3x slower on lavapipe, where shared activations beat the uniform window by
-# 3-20% depending on the shape: benchmarks/matvec_parts.py --variants)
+# 3-20% depending on the shape, and a block's activations loaded by 8 lanes, one load each, 7-8% more:
+# benchmarks/matvec_parts.py --variants)
 SUBGROUP_SPACE = {"matvec": {4: [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
                                  {"rows": 2, "wg": 32, "xshare": True, "unpack": True}],
-                             8: [{"rows": 4, "wg": 32, "xshare": True, "unpack": False}]}}
+                             8: [{"rows": 4, "wg": 32, "xshare": True, "unpack": False, "xl": 8}]}}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 64, "xshare": True, "rows": 1, "t": 8, "xl": 8, "x_window": True}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 4, "unpack": True, "tmax": 16}
@@ -53,8 +54,8 @@ def space(lanes: int) -> list[dict]:
 
 def every_variant(lanes: int) -> list[dict]:
     """Every mat-vec variant some adapter may choose that runs on subgroups of `lanes` (the shared ones
-    need 4)."""
-    return SPACE["matvec"] + ([v for vs in SUBGROUP_SPACE["matvec"].values() for v in vs] if lanes >= 4 else [])
+    need 4 or 8)."""
+    return SPACE["matvec"] + [v for need, vs in SUBGROUP_SPACE["matvec"].items() if lanes >= need for v in vs]
 
 
 def adapter_key(backend) -> str:

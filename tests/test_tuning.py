@@ -136,3 +136,4 @@ def test_the_variants_timed_follow_the_subgroup_size():
     assert shared(4) and all(v["unpack"] for v in shared(4))
     assert shared(8) and shared(32) == shared(8) and not any(v["unpack"] for v in shared(8))
     assert all(v in tuning.every_variant(8) for v in shared(4) + shared(8))
+    assert not any(v in tuning.every_variant(4) for v in shared(8))     # those load with 8 lanes
