@@ -40,8 +40,14 @@ UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment
 STORAGE_ALIGN = 256          # minStorageBufferOffsetAlignment
 
 
+# 32-value types packed with rows interleaved by fours, rows padded to a multiple of 4 (shaders/_quant.wgsl.j2)
+QUAD_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
 def packed_nbytes(qtype: str, rows: int, cols: int) -> int:
     """Bytes of a [rows, cols] weight once repacked (see shaders/_quant.wgsl.j2)."""
+    if qtype in QUAD_QTYPES:
+        rows = -(-rows // 4) * 4
     blocks = rows * cols // 32
     kblocks = rows * cols // 256
     if qtype == "Q4_0":
