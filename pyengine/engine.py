@@ -18,7 +18,7 @@ from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError,
 from .gguf import GGUFFile, read_gguf
 from .gpu import Binding, open_backend
 from .graph import GraphBuilder, ScratchPool
-from .kernels import BLOCK_VALUES, KERNEL_QTYPES, TOPK, UNIFORM_BYTES, Kernels, packed_nbytes
+from .kernels import BLOCK_VALUES, KERNEL_QTYPES, TOPK, TOPK_CHUNK, UNIFORM_BYTES, Kernels, packed_nbytes
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
 from . import tuning as autotune
@@ -91,7 +91,7 @@ class State:
             self.processed = buf(4 * vocab, "processed logits")
             self.counts = buf(4 * vocab, "token counts")
             self.sparams = buf(16, "sampling params")
-            n_lists = -(-vocab // 1024)
+            n_lists = -(-vocab // TOPK_CHUNK)
             self.topk = [buf(4 * RESULT_WORDS * n_lists, f"top-k {i}") for i in range(2)]
         except BaseException:
             for b in made:

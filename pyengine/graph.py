@@ -317,8 +317,8 @@ class GraphBuilder:
         s = self.s
         self._matvec(head, x, s.logits, "store")
         vocab = head.rows
-        lists = -(-vocab // TOPK_CHUNK)   # one record per 1024 logits
-        self._dispatch("topk", {"stage": "chunk", "topk": TOPK}, {"COUNT": vocab},
+        lists = -(-vocab // TOPK_CHUNK)   # one record per TOPK_CHUNK logits
+        self._dispatch("topk", {"stage": "chunk", "topk": TOPK, "chunk": TOPK_CHUNK}, {"COUNT": vocab},
                        {0: s.logits, 1: s.counts, 2: s.sparams, 3: s.processed, 4: s.topk[0]},
                        (lists, 1, 1), "topk chunk")
         src = 0
