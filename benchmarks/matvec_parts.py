@@ -12,7 +12,9 @@ without the subgroup broadcasts that share them, without the weights' dequantiza
 loads and dequantization.
 
 --variants instead times every mat-vec variant the tuner may choose on this adapter (pyengine/tuning.py),
-whole, fastest first: what the first load on an adapter measures, at any shape.
+whole, fastest first: what the first load on an adapter measures, at any shape. With --copies N the
+dispatches read N copies of the weight in turn, so that it is not in cache, as in a decode step
+(--copies 20 at 8192x2048 reads 210 MB).
 
 Each variant is the real WGSL of the tuned Q4_1 mat-vec, edited; the results are wrong on purpose,
 only their times count. A part whose removal saves little is not what bounds the kernel. Prints
@@ -119,18 +121,24 @@ async def time_variants(be, k, w, nbytes, a):
     lanes = await subgroup_size(be, k)
     x = be.create_buffer(max(UNIFORM_BYTES, a.cols * 4), "activations")
     y = be.create_buffer(a.rows * 4, "out")
+    # --copies: REPEAT dispatches over that many copies of the weight in turn, as a decode step reads
+    # weights that are not in cache; by default the same weight REPEAT times
+    ws = [w] + [be.create_buffer(nbytes, f"weights {i}") for i in range(1, a.copies)]
     plans = {}
     for v in every_variant(lanes):
         v = {**VARIANTS["matvec"], **v}
         uniform = k.matvec_uniform(a.cols) and not v["xshare"]
         code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=uniform, act="silu", **v)
         pipe = be.create_pipeline(code, {"N": a.rows, "K": a.cols, "ROW0": 0}, "mat-vec")
-        binds = {0: Binding(w), 1: Binding(x, 0, UNIFORM_BYTES if uniform else None), 2: Binding(y), 4: Binding(w)}
         groups = (-(-a.rows // (v["wg"] * v["rows"])), 1, 1)
-        plans[json.dumps(v)] = be.create_plan([Dispatch(pipe, binds, groups, "mat-vec")] * REPEAT)
+        plans[json.dumps(v)] = be.create_plan([
+            Dispatch(pipe, {0: Binding(wi), 1: Binding(x, 0, UNIFORM_BYTES if uniform else None), 2: Binding(y),
+                            4: Binding(wi)}, groups, "mat-vec")
+            for wi in (ws[i % len(ws)] for i in range(REPEAT))])
     times = await replay_times(be, plans, a.rounds)
-    print(f"Q4_1 mat-vec {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB), every variant the tuner may choose on "
-          f"{be.adapter_info.get('device')} (subgroups of {lanes} lanes)")
+    where = f"{len(ws)} copies in turn" if len(ws) > 1 else "one copy, in cache"
+    print(f"Q4_1 mat-vec {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB, {where}), every variant the tuner may "
+          f"choose on {be.adapter_info.get('device')} (subgroups of {lanes} lanes)")
     for name, ts in sorted(times.items(), key=lambda t: min(t[1])):
         print(f"  median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   "
               f"{nbytes / min(ts) / 1e9:5.2f} GB/s   {name}")
@@ -143,6 +151,8 @@ async def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--prefill", action="store_true", help="the prefill mat-mat instead (see above)")
     ap.add_argument("--variants", action="store_true", help="every mat-vec variant the tuner may choose, whole")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="with --variants: read this many copies of the weight in turn (out of cache, as in decode)")
     a = ap.parse_args()
     be = open_backend("native")
     k = Kernels(be)
