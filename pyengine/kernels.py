@@ -40,7 +40,8 @@ UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment
 STORAGE_ALIGN = 256          # minStorageBufferOffsetAlignment
 
 
-# 32-value types packed with rows interleaved by fours, rows padded to a multiple of 4 (shaders/_quant.wgsl.j2)
+# 32-value types packed with rows interleaved by fours, rows padded to a multiple of 4 (shaders/_quant.wgsl.j2,
+# where the templates know them as QUADS)
 QUAD_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 
 
@@ -83,6 +84,7 @@ class Kernels:
         self.backend = backend
         self.env = jinja2.Environment(loader=_shader_loader(), undefined=jinja2.StrictUndefined,
                                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+        self.env.globals["QUADS"] = QUAD_QTYPES
         self._pipelines: dict = {}
         self.tuning: dict = {}      # op -> parameters measured best on this adapter (pyengine/tuning.py)
         self.device_params = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from .errors import UnsupportedModelError
 from .gpu import Binding, Dispatch, split_workgroups
 from .graph import Weight
-from .kernels import GGUF_BLOCKS, QUAD_QTYPES, REPACKED_QTYPES, packed_nbytes
+from .kernels import GGUF_BLOCKS, REPACKED_QTYPES, packed_nbytes
 
 STAGING_BYTES = 16 << 20    # raw bytes repacked per dispatch: the staging buffer's size at most
 
@@ -43,27 +43,15 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
             label = name if row0 == 0 and n == rows else f"{name} rows {row0}-{row0 + n - 1}"
             buf = backend.create_buffer(packed_nbytes(qtype, n, cols), label)
             parts.append((row0, n, buf))
-            if qtype in QUAD_QTYPES:                   # through staging a run of whole rows at a time
-                per_row = _run_rows(qtype, cols)
+            if qtype in REPACKED_QTYPES:               # through staging a run of whole rows at a time
+                per_run = _run_rows(qtype, cols)
                 bpr = cols // GGUF_BLOCKS[qtype][0]
-                for r in range(0, n, per_row):
-                    nr = min(per_row, n - r)
+                for r in range(0, n, per_run):
+                    nr = min(per_run, n - r)
                     await _maybe_await(write_raw(staging, (row0 + r) * row_bytes, nr * row_bytes))
                     pipe = kernels.pipeline("repack", {"qtype": qtype}, {"NR": n, "BPR": bpr, "R0": r, "RUNR": nr})
-                    pairs = (nr + 1) // 2 * bpr          # an invocation a block of two rows
+                    pairs = (nr + 1) // 2 * bpr          # an invocation a block of two rows (or two blocks)
                     groups = split_workgroups(-(-pairs // 64), backend.max_workgroups_per_dim)
-                    backend.submit(backend.create_plan(       # queued after the write, before the next one
-                        [Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
-            elif qtype in REPACKED_QTYPES:
-                per_block = GGUF_BLOCKS[qtype][1]
-                blocks = n * cols // GGUF_BLOCKS[qtype][0]
-                run = _run_blocks(qtype)
-                base = row0 * row_bytes
-                for b0 in range(0, blocks, run):       # through staging a run of blocks at a time
-                    nb = min(run, blocks - b0)
-                    await _maybe_await(write_raw(staging, base + b0 * per_block, nb * per_block))
-                    pipe = kernels.pipeline("repack", {"qtype": qtype}, {"NB": blocks, "B0": b0, "RUN": nb})
-                    groups = split_workgroups(-(-nb // 128), backend.max_workgroups_per_dim)
                     backend.submit(backend.create_plan(       # queued after the write, before the next one
                         [Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
             else:
@@ -76,15 +64,10 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
 
 
 def _run_rows(qtype: str, cols: int) -> int:
-    """Rows repacked per dispatch of a type packed with rows interleaved by fours: an even number (two
-    neighbouring rows share a scale word) within STAGING_BYTES, two at least."""
+    """Rows repacked per dispatch: an even number (two neighbouring rows, or blocks, share a scale word)
+    within STAGING_BYTES, two at least."""
     row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
     return max(2, STAGING_BYTES // row_bytes // 2 * 2)
-
-
-def _run_blocks(qtype: str) -> int:
-    """Blocks repacked per dispatch: an even number (scales are packed in pairs) within STAGING_BYTES."""
-    return STAGING_BYTES // GGUF_BLOCKS[qtype][1] // 2 * 2
 
 
 def staging_bytes(qtype: str, rows: int, cols: int, limit: int) -> int:
@@ -93,9 +76,7 @@ def staging_bytes(qtype: str, rows: int, cols: int, limit: int) -> int:
         return 0
     row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
     largest = max(n for _, n in split_rows(qtype, rows, cols, limit))
-    if qtype in QUAD_QTYPES:
-        return min(largest, _run_rows(qtype, cols)) * row_bytes
-    return min(largest * row_bytes, _run_blocks(qtype) * GGUF_BLOCKS[qtype][1])
+    return min(largest, _run_rows(qtype, cols)) * row_bytes
 
 
 async def _maybe_await(x):

@@ -501,7 +501,7 @@ def test_repack_through_a_staging_window_smaller_than_the_weight(rig, qtype, mon
     import pyengine.weights as weights
 
     n, k = 301, 256
-    monkeypatch.setattr(weights, "STAGING_BYTES", 5000)      # several runs of blocks, the last one short
+    monkeypatch.setattr(weights, "STAGING_BYTES", 5000)      # several runs of rows, the last one short (and odd)
     w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
     x = rig.rng.standard_normal(k)
     close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x), w), 1), n), wv @ x)
