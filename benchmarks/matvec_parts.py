@@ -4,12 +4,12 @@ of its work taken out at a time (the weights' loads, their scales, the activatio
 
     python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7] [--prefill | --variants]
 
---prefill does the same for one dispatch of the prefill mat-mat in the shape CPU adapters with
-8-lane subgroups run (lavapipe: tuning.MATMUL_XSHARE; as many tokens as the uniform window holds,
-24 at 576 columns): as it runs, without the activations' loads
+--prefill does the same for the prefill mat-mat in the shape CPU adapters with 8-lane subgroups
+run (lavapipe: tuning.MATMUL_XSHARE) over 128 tokens: as it runs, without the activations' loads
 (values that differ from lane to lane instead, so that the arithmetic stays),
 without the subgroup broadcasts that share them, without the weights' dequantization, without both
-loads and dequantization.
+loads and dequantization. --prefill --variants times that mat-mat whole in several shapes (rows and
+tokens an invocation, invocations a workgroup), fastest first.
 
 --variants instead times every mat-vec variant the tuner may choose on this adapter (pyengine/tuning.py),
 whole, fastest first: what the first load on an adapter measures, at any shape. With --copies N the
@@ -96,7 +96,10 @@ def mm_no_loads_or_dequant(code):
 PREFILL_PARTS = {"as it runs": None, "without activation loads": mm_no_activation_loads,
                  "without broadcasts": mm_no_broadcasts, "without dequantization": mm_no_dequant,
                  "without loads, dequantization": mm_no_loads_or_dequant}
-PREFILL_TOKENS = 128        # where the activations do not fit the uniform window
+PREFILL_TOKENS = 128
+# shapes of the shared mat-mat (rows and tokens an invocation, invocations a workgroup) --prefill --variants times
+PREFILL_SHAPES = [(1, 8, 64), (2, 8, 32), (4, 8, 16), (4, 12, 16), (4, 16, 16), (6, 8, 16), (6, 10, 16),
+                  (6, 12, 16), (6, 16, 16), (8, 8, 8), (8, 10, 8)]
 
 PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without scale loads": no_scale_loads,
          "without activation loads": no_activation_loads, "without 4-bit unpacking": no_unpacking,
@@ -144,13 +147,32 @@ async def time_variants(be, k, w, nbytes, a):
               f"{nbytes / min(ts) / 1e9:5.2f} GB/s   {name}")
 
 
+async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
+    plans = {}
+    for rows, t, wg in PREFILL_SHAPES:
+        v = {**MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
+        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, **v),
+                                  consts, "mat-mat")
+        groups = (-(-a.rows // (wg * rows)), -(-PREFILL_TOKENS // t), 1)
+        binds = {**fixed, 0: Binding(w), 1: Binding(x), 6: Binding(w)}
+        plans[f"{rows} rows x {t} tokens, {wg} a workgroup"] = be.create_plan([Dispatch(pipe, binds, groups, "mm")] * REPEAT)
+    times = await replay_times(be, plans, a.rounds)
+    print(f"Q4_1 mat-mat of {PREFILL_TOKENS} tokens {a.rows}x{a.cols}, the shared kernel in each shape, "
+          f"{be.adapter_info.get('device')} (the tuner's: {MATMUL_XSHARE['rows']} rows x {MATMUL_XSHARE['t']} tokens)")
+    for name, ts in sorted(times.items(), key=lambda t: min(t[1])):
+        flop = 2 * a.rows * a.cols * PREFILL_TOKENS
+        print(f"  median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   "
+              f"{flop / min(ts) / 1e9:6.1f} GFLOP/s   {name}")
+
+
 async def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1536)
     ap.add_argument("--cols", type=int, default=576)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--prefill", action="store_true", help="the prefill mat-mat instead (see above)")
-    ap.add_argument("--variants", action="store_true", help="every mat-vec variant the tuner may choose, whole")
+    ap.add_argument("--variants", action="store_true",
+                    help="every mat-vec variant the tuner may choose, whole (with --prefill: mat-mat shapes)")
     ap.add_argument("--copies", type=int, default=1,
                     help="with --variants: read this many copies of the weight in turn (out of cache, as in decode)")
     a = ap.parse_args()
@@ -158,26 +180,24 @@ async def main():
     k = Kernels(be)
     nbytes = packed_nbytes("Q4_1", a.rows, a.cols)
     w = be.create_buffer(nbytes, "weights")
-    if a.variants:
+    if a.variants and not a.prefill:
         return await time_variants(be, k, w, nbytes, a)
     plans = {}
     tokens = 1
     if a.prefill:
         variant = dict(MATMUL_XSHARE)
-        span = Kernels.matmul_span(a.cols, variant["t"]) if variant.pop("x_window", False) else 0
-        tokens = span or PREFILL_TOKENS
-        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, x_uniform=span > 0,
-                        **variant)
-        x = be.create_buffer(tokens * a.cols * 4 + UNIFORM_BYTES, "activations")
+        tokens = PREFILL_TOKENS
+        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, **variant)
+        x = be.create_buffer(tokens * a.cols * 4, "activations")
         y = be.create_buffer(tokens * a.rows * 4, "out")
         step = be.create_buffer(256, "step")
         be.write_buffer(step, 0, struct.pack("<II", 0, tokens))
-        groups = (-(-a.rows // (variant["wg"] * variant["rows"])), tokens // variant["t"], 1)
+        groups = (-(-a.rows // (variant["wg"] * variant["rows"])), -(-tokens // variant["t"]), 1)
         parts, names = PREFILL_PARTS, {0: "W[", 1: "X[", 6: "W_words["}
         consts = {"N": a.rows, "K": a.cols, "ROW0": 0, "NOUT": a.rows}
         fixed = {2: Binding(y), 3: Binding(step)}
-        if span:
-            fixed[4] = Binding(be.create_buffer(256, "first token"), 0, 4)
+        if a.variants:
+            return await time_matmul_shapes(be, k, w, x, consts, fixed, a)
     else:
         variant = dict(VARIANTS["matvec"])
         code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=True, act="silu", **variant)
@@ -196,7 +216,7 @@ async def main():
         binds = dict(fixed)
         for slot, use in names.items():     # a binding the edited kernel no longer reads is not bound
             if use in body or (slot != 1 and "dequant(" in body):
-                binds[slot] = Binding(x, 0, None if a.prefill and not span else UNIFORM_BYTES) if slot == 1 else Binding(w)
+                binds[slot] = Binding(x, 0, None if a.prefill else UNIFORM_BYTES) if slot == 1 else Binding(w)
         plans[name] = be.create_plan([Dispatch(pipe, binds, groups, name)] * REPEAT)
     times = await replay_times(be, plans, a.rounds)
     what = f"mat-mat of {tokens} tokens" if a.prefill else "mat-vec"

@@ -170,24 +170,14 @@ class GraphBuilder:
             return out
         k = w.cols
         params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None)
-        if params.get("xshare"):
-            span = self.k.matmul_span(k, params["t"]) if params.pop("x_window", False) else 0
-            params["x_uniform"] = span > 0
-            if span:        # X through the uniform window, a dispatch per span of tokens that fits it
-                spans = [(i * span, x.window(i * span), self.s.tile_index(span, i)) for i in range(-(-x.rows // span))]
-            else:
-                spans = [(0, x.bind(), None)]
+        if params.get("xshare"):       # one dispatch a part of the weight, every token
             for row0, rows, buf in w.parts:
-                for first, xb, tile in spans:
-                    binds = self._words({0: buf, 1: xb, 2: out.bind(), 3: self._step()}, w, 6, buf)
-                    if tile is not None:
-                        binds[4] = tile
-                    if bias is not None:
-                        binds[5] = bias.buffer
-                    tokens = min(span, x.rows - first) if span else x.rows
-                    groups = (-(-rows // (params["wg"] * params["rows"])), -(-tokens // params["t"]), 1)
-                    self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}, binds,
-                                   groups, f"matmul {w.name}")
+                binds = self._words({0: buf, 1: x.bind(), 2: out.bind(), 3: self._step()}, w, 6, buf)
+                if bias is not None:
+                    binds[5] = bias.buffer
+                groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
+                self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}, binds,
+                               groups, f"matmul {w.name}")
             return out
         t = self.k.matmul_tile(k, params["tmax"])
         uniform = t > 0

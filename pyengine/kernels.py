@@ -125,15 +125,6 @@ class Kernels:
             t //= 2
         return 0
 
-    @staticmethod
-    def matmul_span(k: int, t: int) -> int:
-        """Tokens (a multiple of t) per shared mat-mat dispatch whose X fits the uniform window at an
-        aligned offset; 0: none."""
-        s = UNIFORM_BYTES // (k * 4) // t * t
-        while s > 0 and (s * k * 4) % UNIFORM_ALIGN:
-            s -= t
-        return s
-
     def variant(self, op: str, **extra) -> dict:
         p = dict(VARIANTS.get(op, {}))
         p.update(self.tuning.get(op, {}))

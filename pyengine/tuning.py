@@ -10,8 +10,9 @@ Where nothing was measured, DEFAULTS applies.
 
 The prefill mat-mat and attention are chosen by rule, not timed. On CPU adapters every invocation loads the
 activations it reads for itself, so the kernels share them: where subgroups hold at least 8 lanes
-(lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there, with the activations read
-through the uniform window a span of tokens at a time: +11-14% prefill); elsewhere (SwiftShader,
+(lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there; 6 rows by 10 tokens an
+invocation: each broadcast value serves 6 rows, each dequantized weight 10 tokens, 1.7x the prefill of
+one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); elsewhere (SwiftShader,
 4 lanes, where broadcasts lose) the tiled kernel with 4 rows an invocation over tiles of 16 tokens
 (2.2x its one-row shape there). GPUs keep the one-row tiled kernel. Prefill attention shares each
 key and value by broadcasts the same way where subgroups hold 8 lanes. Decode attention splits a
@@ -37,7 +38,7 @@ SUBGROUP_SPACE = {"matvec": {4: [{"rows": 4, "wg": 16, "xshare": True, "unpack":
                                  {"rows": 2, "wg": 32, "xshare": True, "unpack": True}],
                              8: [{"rows": 4, "wg": 32, "xshare": True, "unpack": False, "xl": 8}]}}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
-MATMUL_XSHARE = {"wg": 64, "xshare": True, "rows": 1, "t": 8, "xl": 8, "x_window": True}
+MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 6, "t": 10, "xl": 8}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 4, "unpack": True, "tmax": 16}
 # CPU adapters: decode attention splits a head's keys over 8 invocations, not 32: fewer wait at its
 # barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token)

@@ -212,7 +212,7 @@ def test_rmsnorm_per_head_and_into_the_residual(rig):
 # the mat-mats the tuner picks (GPUs, SwiftShader, lavapipe) and one more shape of the shared one
 MATMULS = {"tiled": {"xshare": False}, "tiled-cpu": tuning.MATMUL_CPU_TILED, "xshare": tuning.MATMUL_XSHARE,
            "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "t": 3, "wg": 32},
-           "xshare-storage": {**tuning.MATMUL_XSHARE, "x_window": False}}
+           "xshare-1x8": {**tuning.MATMUL_XSHARE, "rows": 1, "t": 8, "wg": 64}}
 
 
 def matvec_variants(rig):
@@ -242,21 +242,20 @@ def test_matmul(rig, qtype, m, m_cap, variant):
         close(rig.read(out, m * n).reshape(m, n), x[:m] @ wv.T)
 
 
-def test_shared_matmul_over_several_windows_of_tokens(rig):
-    """The shared mat-mat reads X through the uniform window a span of tokens at a time (24 tokens
-    at K = 576, 8 at K = 1536), a dispatch each; K = 8192 no longer fits 8 tokens and reads storage."""
+def test_shared_matmul_is_one_dispatch_over_every_token(rig):
+    """The shared mat-mat reads every token's activations from storage in one dispatch, whatever K
+    (8192 columns: 32 KB a token) and however the tokens and rows fall against its tiles of T tokens
+    and R rows an invocation."""
     use_variant(rig, "matmul", tuning.MATMUL_XSHARE)
-    assert [rig.k.matmul_span(k, 8) for k in (576, 1536, 2048, 8192)] == [24, 8, 8, 0]
-    assert rig.k.matmul_span(576, 3) == 27 and rig.k.matmul_span(96, 3) == 168
-    for k, m, m_cap, dispatches in ((576, 53, 64, 3), (1536, 13, 24, 3), (8192, 9, 16, 1)):
-        n = 40
+    t, r = tuning.MATMUL_XSHARE["t"], tuning.MATMUL_XSHARE["rows"]
+    for k, m, m_cap, n in ((576, 53, 64, 40), (1536, t + 1, 24, r * 16 + 1), (8192, 9, 16, 3)):
         w, wv = rig.weight(rig.rng.standard_normal((n, k)), "Q4_0")
         x = np.zeros((m_cap, k))
         x[:m] = rig.rng.standard_normal((m, k))
         rig.step(0, m)
         seen = []
         out = rig.run(lambda g: (g.linear(rig.tensor(x), w), seen.extend(g.dispatches))[0], m_cap)
-        assert len([d for d in seen if d.family == "matmul"]) == dispatches
+        assert len([d for d in seen if d.family == "matmul"]) == 1
         close(rig.read(out, m * n).reshape(m, n), x[:m] @ wv.T, rtol=1e-4)
 
 
