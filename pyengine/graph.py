@@ -40,6 +40,10 @@ class Weight:
     def buffers(self) -> list:
         return [b for _, _, b in self.parts]
 
+    def parts_like(self, other: "Weight") -> bool:
+        """Whether `other` is split into buffers at the same rows (a kernel can read both part by part)."""
+        return [p[:2] for p in self.parts] == [p[:2] for p in other.parts]
+
 
 class Tensor:
     """An activation of `cols` f32 values per token, for up to `rows` tokens, at `offset` bytes into
@@ -255,9 +259,21 @@ class GraphBuilder:
 
     def gated_mlp(self, x: Tensor, gate: Weight, up: Weight, act: str = "silu") -> Tensor:
         """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""
-        if x.rows == 1 and gate.qtype == up.qtype and [r for r, _, _ in gate.parts] == [r for r, _, _ in up.parts]:
+        if x.rows == 1 and gate.qtype == up.qtype and gate.parts_like(up):
             out = self._tensor(gate.rows, 1)
             self._matvec(gate, x, out.bind(), "glu", w2=up, act=act)
+            return out
+        params = self.k.variant("matmul", qtype=gate.qtype, epilogue="glu", bias=False, act=act)
+        if params.get("xshare") and gate.qtype == up.qtype and gate.parts_like(up):
+            # gate and up in one pass over the activations, half the rows of each an invocation
+            params["rows"] = max(1, params["rows"] // 2)
+            out = self._tensor(gate.rows, x.rows)
+            for (row0, rows, buf), (_, _, buf2) in zip(gate.parts, up.parts):
+                binds = self._words({0: buf, 1: x.bind(), 2: out.bind(), 3: self._step(), 4: buf2}, gate, 6, buf)
+                self._words(binds, up, 7, buf2)
+                groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
+                self._dispatch("matmul", params, {"N": rows, "K": gate.cols, "ROW0": row0, "NOUT": gate.rows},
+                               binds, groups, f"glu {gate.name} {up.name}")
             return out
         g = self.linear(x, gate)
         u = self.linear(x, up)

@@ -139,28 +139,6 @@ def test_gated_mlp(rig, qtype, m, act):
     close(rig.read(out, m * n).reshape(m, n), gate * b, rtol=5e-5)
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
-def test_products_of_one_input_in_one_dispatch(rig, qtype):
-    """q, k and v for one token: one mat-vec dispatch over two or three weights of different row counts,
-    with every mat-vec variant the tuner may choose, each output a view at an aligned offset."""
-    k = shapes_for(qtype)[1][1]
-    rows = [300, 77, 130] if qtype not in K_BLOCKS else [130, 77, 33]
-    ws = [rig.weight(rig.rng.standard_normal((n, k)), qtype, f"w{i}") for i, n in enumerate(rows)]
-    x = rig.rng.standard_normal(k)
-    try:
-        for variant in matvec_variants(rig):
-            rig.k.tuning = {"matvec": variant}
-            for count in (2, 3):
-                g = GraphBuilder(rig.k, rig.state, 1)
-                outs = g.linears(rig.tensor(x), [w for w, _ in ws[:count]])
-                assert len(g.dispatches) == 1, variant
-                rig.be.submit(rig.be.create_plan(g.dispatches))
-                for out, (_, wv) in zip(outs, ws):
-                    assert out.offset % 256 == 0 and out.cols == wv.shape[0]
-                    close(rig.read(out, wv.shape[0]), wv @ x)
-    finally:
-        rig.k.tuning = {}
-
 
 def test_products_of_one_input_that_cannot_all_share_a_dispatch(rig):
     """Several tokens, a weight of another type (Gemma's v in Q8_0 beside q and k in Q5_0) or a bias:
@@ -220,6 +198,12 @@ def matvec_variants(rig):
     return tuning.every_variant(asyncio.run(tuning.subgroup_size(rig.be, rig.k)))
 
 
+def runnable_matmuls(rig):
+    """The mat-mats of MATMULS this adapter runs (the shared ones need 8-lane subgroups)."""
+    size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
+    return [v for v in MATMULS.values() if size >= 8 or not v.get("xshare")]
+
+
 def use_variant(rig, op, variant):
     """Runs `op` with `variant`; one that shares values over 8-lane subgroups only where they exist."""
     size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
@@ -240,6 +224,50 @@ def test_matmul(rig, qtype, m, m_cap, variant):
         rig.step(0, m)
         out = rig.run(lambda g: g.linear(rig.tensor(x), w), m_cap)
         close(rig.read(out, m * n).reshape(m, n), x[:m] @ wv.T)
+
+
+@pytest.mark.parametrize("variant", MATMULS)
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gated_mlp_over_tokens_with_each_matmul(rig, qtype, variant):
+    """Several tokens through each mat-mat an adapter may run; the shared one computes gate and up in
+    one dispatch (rows of each an invocation) with the activation in its epilogue, no elementwise pass."""
+    use_variant(rig, "matmul", MATMULS[variant])
+    n, k = shapes_for(qtype)[2]
+    g_w, gv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    u_w, uv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    for m, m_cap, act in ((2, 2, "silu"), (13, 16, "gelu"), (37, 64, "silu")):
+        x = np.zeros((m_cap, k))
+        x[:m] = rig.rng.standard_normal((m, k))
+        rig.step(0, m)
+        seen = []
+        out = rig.run(lambda g: (g.gated_mlp(rig.tensor(x), g_w, u_w, act), seen.extend(g.dispatches))[0], m_cap)
+        a, b = x[:m] @ gv.T, x[:m] @ uv.T
+        gate = a / (1 + np.exp(-a)) if act == "silu" else gelu_tanh(a)
+        close(rig.read(out, m * n).reshape(m, n), gate * b, rtol=5e-5)
+        if MATMULS[variant].get("xshare"):
+            assert [d.family for d in seen] == ["matmul"]
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_products_of_one_input_in_one_dispatch(rig, qtype):
+    """q, k and v for one token: one mat-vec dispatch over two or three weights of different row counts,
+    with every mat-vec variant the tuner may choose, each output a view at an aligned offset."""
+    k = shapes_for(qtype)[1][1]
+    rows = [300, 77, 130] if qtype not in K_BLOCKS else [130, 77, 33]
+    ws = [rig.weight(rig.rng.standard_normal((n, k)), qtype, f"w{i}") for i, n in enumerate(rows)]
+    x = rig.rng.standard_normal(k)
+    try:
+        for variant in matvec_variants(rig):
+            rig.k.tuning = {"matvec": variant}
+            for count in (2, 3):
+                g = GraphBuilder(rig.k, rig.state, 1)
+                outs = g.linears(rig.tensor(x), [w for w, _ in ws[:count]])
+                assert len(g.dispatches) == 1, variant
+                rig.be.submit(rig.be.create_plan(g.dispatches))
+                for out, (_, wv) in zip(outs, ws):
+                    assert out.offset % 256 == 0 and out.cols == wv.shape[0]
+                    close(rig.read(out, wv.shape[0]), wv @ x)
+    finally:
+        rig.k.tuning = {}
 
 
 def test_shared_matmul_is_one_dispatch_over_every_token(rig):
@@ -454,8 +482,14 @@ def test_a_weight_larger_than_one_binding_is_split_transparently(rig, qtype, mon
     out = rig.run(lambda g: g.linear(rig.tensor(x[0]), w), 1)
     close(rig.read(out, n), wv @ x[0])
     rig.step(0, 5)
-    out = rig.run(lambda g: g.linear(rig.tensor(x), w), 8)
-    close(rig.read(out, 5 * n).reshape(5, n), x @ wv.T)
+    for variant in runnable_matmuls(rig):
+        rig.k.tuning = {"matmul": variant}
+        out = rig.run(lambda g: g.linear(rig.tensor(x), w), 8)
+        close(rig.read(out, 5 * n).reshape(5, n), x @ wv.T)
+        out = rig.run(lambda g: g.gated_mlp(rig.tensor(x), w, w), 8)
+        a = x @ wv.T
+        close(rig.read(out, 5 * n).reshape(5, n), a / (1 + np.exp(-a)) * a, rtol=5e-5)
+    rig.k.tuning = {}
     tokens = [r for row0, rows, _ in w.parts for r in (row0, row0 + rows - 1)] + [12]   # both ends of each part
     rig.step(0, len(tokens), tokens)
     out = rig.run(lambda g: g.embed(w), len(tokens))
