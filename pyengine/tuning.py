@@ -13,9 +13,9 @@ activations it reads for itself, so the kernels share them: where subgroups hold
 (lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there; 6 rows by 10 tokens an
 invocation: each broadcast value serves 6 rows, each dequantized weight 10 tokens, 1.7x the prefill of
 one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); elsewhere (SwiftShader,
-4 lanes, where broadcasts lose) the tiled kernel with 4 rows an invocation over tiles of 16 tokens
-(2.2x its one-row shape there). GPUs keep the one-row tiled kernel. Prefill attention shares each
-key and value by broadcasts the same way where subgroups hold 8 lanes. Decode attention splits a
+4 lanes, where broadcasts lose) the tiled kernel with 6 rows an invocation over tiles of 16 tokens
+(4 rows: 2.2x its one-row shape there; 6 rows: 12% more prefill again). GPUs keep the one-row
+tiled kernel. Prefill attention shares each key and value by broadcasts the same way where subgroups hold 8 lanes. Decode attention splits a
 head's keys over 8 invocations on CPU adapters and 32 on GPUs.
 """
 
@@ -39,7 +39,7 @@ SUBGROUP_SPACE = {"matvec": {4: [{"rows": 4, "wg": 16, "xshare": True, "unpack":
                              8: [{"rows": 4, "wg": 32, "xshare": True, "unpack": False, "xl": 8}]}}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 6, "t": 10, "xl": 8}
-MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 4, "unpack": True, "tmax": 16}
+MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "unpack": True, "tmax": 16}
 # CPU adapters: decode attention splits a head's keys over 8 invocations, not 32: fewer wait at its
 # barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token)
 ATTENTION_CPU = {"decode_split": 8}
