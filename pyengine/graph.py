@@ -303,10 +303,17 @@ class GraphBuilder:
         params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
         split = params.pop("decode_split")
         if q.rows == 1:      # decode: each head's keys split over a workgroup
-            params.update(split=min(split, 2048 // head_dim), share=False)
-            groups = n_heads
+            split = min(split, 2048 // head_dim)
+            # query heads of one kv head a workgroup, each key and value loaded once for them all: as
+            # many as asked that divide the heads a kv head serves, within 8 KB of partial outputs
+            per_kv = n_heads // n_kv_heads
+            most = max(1, min(params.pop("decode_group"), 2048 // (head_dim * split)))
+            group = max(g for g in range(1, min(most, per_kv) + 1) if per_kv % g == 0)
+            params.update(split=split, group=group, share=False)
+            groups = n_heads // group
         else:
-            params["split"] = 0
+            params.update(split=0, group=1)
+            params.pop("decode_group", None)
             groups = -(-q.rows * n_heads // params["wg"])
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}

@@ -32,7 +32,7 @@ VARIANTS = {
     "matvec": {"wg": 32, "rows": 4, "xshare": False, "unpack": False},
     "matmul": {"wg": 64, "xshare": False, "rows": 1, "unpack": False, "tmax": 8},
     "rmsnorm": {"wg": 64},
-    "attention": {"wg": 64, "share": False, "decode_split": 32},   # decode: invocations a head's keys split over
+    "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1},   # decode: invocations a head's keys split over
 }
 
 UNIFORM_BYTES = 65536        # the uniform window kernels read activations through

@@ -16,7 +16,8 @@ one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); elsewhere
 4 lanes, where broadcasts lose) the tiled kernel with 6 rows an invocation over tiles of 16 tokens
 (4 rows: 2.2x its one-row shape there; 6 rows: 12% more prefill again). GPUs keep the one-row
 tiled kernel. Prefill attention shares each key and value by broadcasts the same way where subgroups hold 8 lanes. Decode attention splits a
-head's keys over 8 invocations on CPU adapters and 32 on GPUs.
+head's keys over 8 invocations on CPU adapters and 32 on GPUs; on CPU adapters a workgroup computes
+the query heads of one kv head together.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows":
 MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 6, "t": 10, "xl": 8}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "unpack": True, "tmax": 16}
 # CPU adapters: decode attention splits a head's keys over 8 invocations, not 32: fewer wait at its
-# barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token)
-ATTENTION_CPU = {"decode_split": 8}
+# barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token);
+# and a workgroup takes up to 4 query heads of one kv head, loading each key and value once for them
+# (a decode step's attention: SmolLM2 4.4 -> 3.2 ms on lavapipe, 16.3 -> 11.3 on SwiftShader; the 1B
+# shapes 7.0 -> 4.1 ms)
+ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
 ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
 VERSION = 6      # a change to the kernels or the space makes older measurements stale
 

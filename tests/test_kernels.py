@@ -367,7 +367,8 @@ def attention_np(q, keys, vals, group, window=0):
 
 
 # prefill attention: an invocation per (token, head) loading its keys, or keys shared by broadcasts
-ATTENTIONS = {"plain": {"wg": 64, "share": False}, "cpu": tuning.ATTENTION_CPU, "share": tuning.ATTENTION_SHARE}
+ATTENTIONS = {"plain": {"wg": 64, "share": False}, "cpu": tuning.ATTENTION_CPU, "share": tuning.ATTENTION_SHARE,
+              "cpu-2-heads": {**tuning.ATTENTION_CPU, "decode_group": 2}}
 
 
 @pytest.mark.parametrize("variant", ATTENTIONS)
