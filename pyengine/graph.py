@@ -106,6 +106,24 @@ class ScratchPool:
         return sum(s for s, _ in self.buffers)
 
 
+@dataclass(eq=False)
+class Normed:
+    """RMSNorm(x) * w, not yet computed: the mat-mat that reads it applies the norm as it loads x
+    where it can (the shared prefill mat-mat); anywhere else it is computed by its own dispatch first."""
+
+    x: Tensor
+    w: Weight
+    eps: float
+
+    @property
+    def rows(self) -> int:
+        return self.x.rows
+
+    @property
+    def cols(self) -> int:
+        return self.x.cols
+
+
 class GraphBuilder:
     """Turns op calls into dispatches for a plan over up to `m_cap` tokens."""
 
@@ -165,8 +183,37 @@ class GraphBuilder:
                        (1 if last_row else x.rows * heads, 1, 1), f"rmsnorm {w.name}")
         return out
 
-    def linear(self, x: Tensor, w: Weight, bias: Weight | None = None, accumulate: Tensor | None = None) -> Tensor:
+    def normed(self, x: Tensor, w: Weight, eps: float) -> Normed:
+        """RMSNorm(x) * w for the mat-mats or mat-vecs that read it next (linear, linears, gated_mlp):
+        folded into the shared prefill mat-mat, computed by its own dispatch for the others. x must not
+        change before they have read it."""
+        return Normed(x, w, eps)
+
+    def _fuses_norm(self, x) -> bool:
+        """Whether the mat-mats or mat-vecs reading `x` (a Normed) apply its norm themselves: the
+        variants that share activations by subgroup broadcasts do."""
+        return bool(self.k.variant("matmul" if x.rows > 1 else "matvec").get("xshare"))
+
+    def _norm_now(self, x):
+        """A Normed whose readers cannot fold it in, computed; anything else as it is."""
+        if isinstance(x, Normed) and not self._fuses_norm(x):
+            return self.rms_norm(x.x, x.w, x.eps)
+        return x
+
+    def _norm_binds(self, x, binds: dict, consts: dict, params: dict, slot: int = 9) -> Tensor:
+        """The activations a shared mat-mat or mat-vec reads; a Normed's weight (at `slot`) and
+        epsilon go with them."""
+        if isinstance(x, Normed):
+            binds[slot] = x.w.buffer
+            consts["EPS"] = x.eps
+            params["norm"] = True
+            return x.x
+        return x
+
+    def linear(self, x: Tensor | Normed, w: Weight, bias: Weight | None = None,
+               accumulate: Tensor | None = None) -> Tensor:
         """x W^T (+ bias) for every token; with `accumulate`, adds the product into that tensor (the residual)."""
+        x = self._norm_now(x)
         out = accumulate if accumulate is not None else self._tensor(w.rows, x.rows)
         epilogue = "accumulate" if accumulate is not None else "store"
         if x.rows == 1:
@@ -176,12 +223,14 @@ class GraphBuilder:
         params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None)
         if params.get("xshare"):       # one dispatch a part of the weight, every token
             for row0, rows, buf in w.parts:
-                binds = self._words({0: buf, 1: x.bind(), 2: out.bind(), 3: self._step()}, w, 6, buf)
+                binds, consts = {}, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}
+                xt = self._norm_binds(x, binds, consts, params)
+                binds.update({0: buf, 1: xt.bind(), 2: out.bind(), 3: self._step()})
+                self._words(binds, w, 6, buf)
                 if bias is not None:
                     binds[5] = bias.buffer
                 groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
-                self._dispatch("matmul", params, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}, binds,
-                               groups, f"matmul {w.name}")
+                self._dispatch("matmul", params, consts, binds, groups, f"matmul {w.name}")
             return out
         t = self.k.matmul_tile(k, params["tmax"])
         uniform = t > 0
@@ -204,6 +253,7 @@ class GraphBuilder:
         weights that can share a kernel (same type and columns, one buffer each, no bias) run in one
         dispatch, their outputs views into one buffer; the others (a v of another type) one each."""
         biases = biases or [None] * len(ws)
+        x = self._norm_now(x)         # computed once for all of them where they cannot fold it in
         out: list = [None] * len(ws)
         groups: dict = {}
         for i, (w, b) in enumerate(zip(ws, biases)):
@@ -231,6 +281,7 @@ class GraphBuilder:
         groups = [-(-w.rows // per_group) for w in ws]
         binds = self._words({0: w0.buffer, 1: xb, 2: out.bind()}, w0, 4, w0.buffer)
         consts = {"N": w0.rows, "K": w0.cols}
+        self._norm_binds(x, binds, consts, params, slot=8)
         for i, (w, slot, words) in enumerate(zip(ws[1:], (3, 6), (5, 7)), start=2):
             binds[slot] = w.buffer
             self._words(binds, w, words, w.buffer)
@@ -242,6 +293,7 @@ class GraphBuilder:
         """The mat-vec's parameters for weight `w`, the binding of its input and its rows per workgroup."""
         params = self.k.variant("matvec", qtype=w.qtype, x_uniform=self.k.matvec_uniform(w.cols), **extra)
         uniform = params["x_uniform"] and not params["xshare"]
+        x = x.x if isinstance(x, Normed) else x       # its norm's binding: _norm_binds
         return params, x.window() if uniform else x.bind(), params["wg"] * params["rows"]
 
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
@@ -249,16 +301,18 @@ class GraphBuilder:
         params, xb, per_group = self._matvec_variant(w, x, epilogue=epilogue, bias=bias is not None, act=act)
         for p, (row0, rows, buf) in enumerate(w.parts):
             binds = self._words({0: buf, 1: xb, 2: out}, w, 4, buf)
+            consts = {"N": rows, "K": w.cols, "ROW0": row0}
+            self._norm_binds(x, binds, consts, params, slot=8)
             if w2 is not None:
                 binds[3] = w2.parts[p][2]
                 self._words(binds, w2, 5, w2.parts[p][2])
             elif bias is not None:
                 binds[3] = bias.buffer
-            self._dispatch("matvec", params, {"N": rows, "K": w.cols, "ROW0": row0}, binds,
-                           -(-rows // per_group), f"{epilogue} {w.name}")
+            self._dispatch("matvec", params, consts, binds, -(-rows // per_group), f"{epilogue} {w.name}")
 
     def gated_mlp(self, x: Tensor, gate: Weight, up: Weight, act: str = "silu") -> Tensor:
         """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""
+        x = self._norm_now(x)
         if x.rows == 1 and gate.qtype == up.qtype and gate.parts_like(up):
             out = self._tensor(gate.rows, 1)
             self._matvec(gate, x, out.bind(), "glu", w2=up, act=act)
@@ -269,11 +323,13 @@ class GraphBuilder:
             params["rows"] = max(1, params["rows"] // 2)
             out = self._tensor(gate.rows, x.rows)
             for (row0, rows, buf), (_, _, buf2) in zip(gate.parts, up.parts):
-                binds = self._words({0: buf, 1: x.bind(), 2: out.bind(), 3: self._step(), 4: buf2}, gate, 6, buf)
+                binds, consts = {}, {"N": rows, "K": gate.cols, "ROW0": row0, "NOUT": gate.rows}
+                xt = self._norm_binds(x, binds, consts, params)
+                binds.update({0: buf, 1: xt.bind(), 2: out.bind(), 3: self._step(), 4: buf2})
+                self._words(binds, gate, 6, buf)
                 self._words(binds, up, 7, buf2)
                 groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
-                self._dispatch("matmul", params, {"N": rows, "K": gate.cols, "ROW0": row0, "NOUT": gate.rows},
-                               binds, groups, f"glu {gate.name} {up.name}")
+                self._dispatch("matmul", params, consts, binds, groups, f"glu {gate.name} {up.name}")
             return out
         g = self.linear(x, gate)
         u = self.linear(x, up)

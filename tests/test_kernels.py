@@ -270,6 +270,53 @@ def test_products_of_one_input_in_one_dispatch(rig, qtype):
         rig.k.tuning = {}
 
 
+def check_normed_products(rig, qtype, m, m_cap, fused: bool):
+    """g.normed(x) read by linears (two weights, one with a bias), linear and gated_mlp: each result
+    against numpy, and the RMSNorm dispatches: none where the kernels fold the norm in, else one for
+    each reader (linears computes it once for both weights)."""
+    n, k = shapes_for(qtype)[2]
+    (wa, va), (wb, vb) = (rig.weight(rig.rng.standard_normal((n, k)), qtype, f"w{i}") for i in range(2))
+    nw, bias = rig.rng.standard_normal(k), rig.rng.standard_normal(n)
+    x = np.zeros((m_cap, k))
+    x[:m] = rig.rng.standard_normal((m, k)) * 3
+    xn = x[:m] / np.sqrt((x[:m] ** 2).mean(-1, keepdims=True) + 1e-5) * nw
+    rig.step(0, m)
+    seen = []
+
+    def build(g):
+        xt, norm = rig.tensor(x), rig.vector(nw)
+        p, q = g.linears(g.normed(xt, norm, 1e-5), [wa, wb], [None, rig.vector(bias)])
+        r = g.linear(g.normed(xt, norm, 1e-5), wa)
+        s = g.gated_mlp(g.normed(xt, norm, 1e-5), wa, wb)
+        seen.extend(g.dispatches)
+        return p, q, r, s
+
+    p, q, r, s = rig.run(build, m_cap)
+    a, b = xn @ va.T, xn @ vb.T
+    for got, want in ((p, a), (q, b + bias), (r, a), (s, a / (1 + np.exp(-a)) * b)):
+        close(rig.read(got, m * n).reshape(m, n), want, rtol=5e-5)
+    assert len([d for d in seen if d.family == "rmsnorm"]) == (0 if fused else 3)
+
+
+@pytest.mark.parametrize("variant", MATMULS)
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q6_K", "F16"])
+def test_rmsnorm_read_by_the_next_mat_mats(rig, qtype, variant):
+    use_variant(rig, "matmul", MATMULS[variant])
+    for m, m_cap in ((13, 16), (37, 64)):
+        check_normed_products(rig, qtype, m, m_cap, fused=bool(MATMULS[variant].get("xshare")))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_1", "Q8_0", "Q6_K", "F16"])
+def test_rmsnorm_read_by_the_next_mat_vecs(rig, qtype):
+    """One token, with every mat-vec variant the tuner may choose here: the shared ones fold the norm in."""
+    try:
+        for variant in matvec_variants(rig):
+            rig.k.tuning = {"matvec": variant}
+            check_normed_products(rig, qtype, 1, 1, fused=bool(variant.get("xshare")))
+    finally:
+        rig.k.tuning = {}
+
+
 def test_shared_matmul_is_one_dispatch_over_every_token(rig):
     """The shared mat-mat reads every token's activations from storage in one dispatch, whatever K
     (8192 columns: 32 KB a token) and however the tokens and rows fall against its tiles of T tokens

@@ -50,8 +50,9 @@ class Block:
         self.attn, self.mlp = Attention(args, w, i), MLP(w, i)
 
     def __call__(self, g, h):
-        self.attn(g, g.rms_norm(h, self.attn_norm, self.eps), residual=h)   # h += attn(norm(h))
-        self.mlp(g, g.rms_norm(h, self.ffn_norm, self.eps), residual=h)     # h += mlp(norm(h))
+        # h += attn(norm(h)); h += mlp(norm(h)): the norms folded into the mat-mats where they can be
+        self.attn(g, g.normed(h, self.attn_norm, self.eps), residual=h)
+        self.mlp(g, g.normed(h, self.ffn_norm, self.eps), residual=h)
         return h
 
 
