@@ -48,10 +48,9 @@ class Block:
         self.gate, self.up, self.down = w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], w[p + "ffn_down.weight"]
 
     def __call__(self, g, h):
-        a = self.attn(g, g.rms_norm(h, self.attn_norm, self.eps))
+        a = self.attn(g, g.normed(h, self.attn_norm, self.eps))
         g.rms_norm(a, self.post_attn_norm, self.eps, into=h)               # h += norm(attn(norm(h)))
-        x = g.rms_norm(h, self.ffn_norm, self.eps)
-        m = g.linear(g.gated_mlp(x, self.gate, self.up, act="gelu"), self.down)
+        m = g.linear(g.gated_mlp(g.normed(h, self.ffn_norm, self.eps), self.gate, self.up, act="gelu"), self.down)
         g.rms_norm(m, self.post_ffw_norm, self.eps, into=h)                # h += norm(mlp(norm(h)))
         return h
 
