@@ -108,8 +108,9 @@ class ScratchPool:
 
 @dataclass(eq=False)
 class Normed:
-    """RMSNorm(x) * w, not yet computed: the mat-mat that reads it applies the norm as it loads x
-    where it can (the shared prefill mat-mat); anywhere else it is computed by its own dispatch first."""
+    """RMSNorm(x) * w, not yet computed: the mat-vecs and mat-mats that read it apply the norm as they
+    load x where they share activations by subgroup broadcasts; elsewhere it is computed by its own
+    dispatch first."""
 
     x: Tensor
     w: Weight
@@ -184,9 +185,9 @@ class GraphBuilder:
         return out
 
     def normed(self, x: Tensor, w: Weight, eps: float) -> Normed:
-        """RMSNorm(x) * w for the mat-mats or mat-vecs that read it next (linear, linears, gated_mlp):
-        folded into the shared prefill mat-mat, computed by its own dispatch for the others. x must not
-        change before they have read it."""
+        """RMSNorm(x) * w for the mat-vecs or mat-mats that read it next (linear, linears, gated_mlp):
+        folded into them where they share activations by subgroup broadcasts, else computed by its
+        own dispatch. x must not change before they have read it."""
         return Normed(x, w, eps)
 
     def _fuses_norm(self, x) -> bool:
