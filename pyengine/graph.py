@@ -222,16 +222,8 @@ class GraphBuilder:
             return out
         k = w.cols
         params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None)
-        if params.get("xshare"):       # one dispatch a part of the weight, every token
-            for row0, rows, buf in w.parts:
-                binds, consts = {}, {"N": rows, "K": k, "ROW0": row0, "NOUT": w.rows}
-                xt = self._norm_binds(x, binds, consts, params)
-                binds.update({0: buf, 1: xt.bind(), 2: out.bind(), 3: self._step()})
-                self._words(binds, w, 6, buf)
-                if bias is not None:
-                    binds[5] = bias.buffer
-                groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
-                self._dispatch("matmul", params, consts, binds, groups, f"matmul {w.name}")
+        if params.get("xshare"):
+            self._shared_matmul(x, w, out, params, bias=bias)
             return out
         t = self.k.matmul_tile(k, params["tmax"])
         uniform = t > 0
@@ -311,6 +303,24 @@ class GraphBuilder:
                 binds[3] = bias.buffer
             self._dispatch("matvec", params, consts, binds, -(-rows // per_group), f"{epilogue} {w.name}")
 
+    def _shared_matmul(self, x, w: Weight, out: Tensor, params: dict, bias: Weight | None = None,
+                       w2: Weight | None = None) -> None:
+        """The mat-mat that shares activations by subgroup broadcasts: one dispatch a part of the weight
+        over every token (with w2, the "glu" epilogue's second weight, split at the same rows)."""
+        for p, (row0, rows, buf) in enumerate(w.parts):
+            binds, consts = {}, {"N": rows, "K": w.cols, "ROW0": row0, "NOUT": w.rows}
+            xt = self._norm_binds(x, binds, consts, params)
+            binds.update({0: buf, 1: xt.bind(), 2: out.bind(), 3: self._step()})
+            self._words(binds, w, 6, buf)
+            if w2 is not None:
+                binds[4] = w2.parts[p][2]
+                self._words(binds, w2, 7, binds[4])
+            if bias is not None:
+                binds[5] = bias.buffer
+            groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
+            name = f"glu {w.name} {w2.name}" if w2 is not None else f"matmul {w.name}"
+            self._dispatch("matmul", params, consts, binds, groups, name)
+
     def gated_mlp(self, x: Tensor, gate: Weight, up: Weight, act: str = "silu") -> Tensor:
         """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""
         x = self._norm_now(x)
@@ -323,14 +333,7 @@ class GraphBuilder:
             # gate and up in one pass over the activations, half the rows of each an invocation
             params["rows"] = max(1, params["rows"] // 2)
             out = self._tensor(gate.rows, x.rows)
-            for (row0, rows, buf), (_, _, buf2) in zip(gate.parts, up.parts):
-                binds, consts = {}, {"N": rows, "K": gate.cols, "ROW0": row0, "NOUT": gate.rows}
-                xt = self._norm_binds(x, binds, consts, params)
-                binds.update({0: buf, 1: xt.bind(), 2: out.bind(), 3: self._step(), 4: buf2})
-                self._words(binds, gate, 6, buf)
-                self._words(binds, up, 7, buf2)
-                groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
-                self._dispatch("matmul", params, consts, binds, groups, f"glu {gate.name} {up.name}")
+            self._shared_matmul(x, gate, out, params, w2=up)
             return out
         g = self.linear(x, gate)
         u = self.linear(x, up)
@@ -358,19 +361,18 @@ class GraphBuilder:
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
         params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
-        split = params.pop("decode_split")
+        split, group = params.pop("decode_split"), params.pop("decode_group")
         if q.rows == 1:      # decode: each head's keys split over a workgroup
             split = min(split, 2048 // head_dim)
             # query heads of one kv head a workgroup, each key and value loaded once for them all: as
             # many as asked that divide the heads a kv head serves, within 8 KB of partial outputs
             per_kv = n_heads // n_kv_heads
-            most = max(1, min(params.pop("decode_group"), 2048 // (head_dim * split)))
+            most = max(1, min(group, 2048 // (head_dim * split)))
             group = max(g for g in range(1, min(most, per_kv) + 1) if per_kv % g == 0)
             params.update(split=split, group=group, share=False)
             groups = n_heads // group
         else:
             params.update(split=0, group=1)
-            params.pop("decode_group", None)
             groups = -(-q.rows * n_heads // params["wg"])
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}

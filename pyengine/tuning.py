@@ -15,9 +15,9 @@ invocation: each broadcast value serves 6 rows, each dequantized weight 10 token
 one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); elsewhere (SwiftShader,
 4 lanes, where broadcasts lose) the tiled kernel with 6 rows an invocation over tiles of 16 tokens
 (4 rows: 2.2x its one-row shape there; 6 rows: 12% more prefill again). GPUs keep the one-row
-tiled kernel. Prefill attention shares each key and value by broadcasts the same way where subgroups hold 8 lanes. Decode attention splits a
-head's keys over 8 invocations on CPU adapters and 32 on GPUs; on CPU adapters a workgroup computes
-the query heads of one kv head together.
+tiled kernel. Prefill attention shares each key and value by broadcasts the same way where
+subgroups hold 8 lanes. Decode attention splits a head's keys over 8 invocations on CPU adapters
+and 32 on GPUs; on CPU adapters a workgroup computes the query heads of one kv head together.
 """
 
 from __future__ import annotations

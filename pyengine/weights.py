@@ -36,7 +36,7 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
     """write_raw(buffer, offset, nbytes) puts bytes [offset, offset + nbytes) of the tensor's raw GGUF
     data at the start of `buffer` (it may be a coroutine: in the browser the bytes come from
     IndexedDB). Repacked types need `staging`, a buffer as large as the largest part's raw bytes."""
-    row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
+    row_bytes = _row_bytes(qtype, cols)
     parts = []
     try:
         for row0, n in split_rows(qtype, rows, cols, backend.max_storage_binding):
@@ -63,20 +63,23 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
     return Weight(name, qtype, rows, cols, parts[0][2], packed_nbytes(qtype, rows, cols), parts)
 
 
+def _row_bytes(qtype: str, cols: int) -> int:
+    """Bytes of one row of a weight in the GGUF's own blocks."""
+    return cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
+
+
 def _run_rows(qtype: str, cols: int) -> int:
     """Rows repacked per dispatch: an even number (two neighbouring rows, or blocks, share a scale word)
     within STAGING_BYTES, two at least."""
-    row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
-    return max(2, STAGING_BYTES // row_bytes // 2 * 2)
+    return max(2, STAGING_BYTES // _row_bytes(qtype, cols) // 2 * 2)
 
 
 def staging_bytes(qtype: str, rows: int, cols: int, limit: int) -> int:
     """The staging a repacked weight needs: its largest part's raw bytes, up to one run of blocks."""
     if qtype not in REPACKED_QTYPES:
         return 0
-    row_bytes = cols // GGUF_BLOCKS[qtype][0] * GGUF_BLOCKS[qtype][1]
     largest = max(n for _, n in split_rows(qtype, rows, cols, limit))
-    return min(largest, _run_rows(qtype, cols)) * row_bytes
+    return min(largest, _run_rows(qtype, cols)) * _row_bytes(qtype, cols)
 
 
 async def _maybe_await(x):
