@@ -27,6 +27,8 @@ CACHE = os.path.join(ROOT, "build", ".cache")
 PYODIDE = "314.0.7"
 PYODIDE_FILES = ("pyodide.mjs", "pyodide.asm.mjs", "pyodide.asm.wasm", "python_stdlib.zip", "pyodide-lock.json")
 WHEELS = {"jinja2": "3.1.6", "micropip": "0.11.1"}
+# SHA-256 over a shard a piece at a time as it streams (WebCrypto hashes whole buffers only)
+HASH_WASM = "4.13.0"
 MARKUPSAFE = "3.0.3"
 # where packaged models go in the site; other GGUFs go under their file name
 MODEL_DIRS = {"smollm2-135m": "smollm2-135m-instruct-q4_1", "gemma3-270m": "gemma3-270m-q4_k_m"}
@@ -38,10 +40,7 @@ def run(*cmd, cwd=None):
 
 
 def pyodide_files(out):
-    tgz = os.path.join(CACHE, f"pyodide-{PYODIDE}.tgz")
-    if not os.path.exists(tgz):
-        os.makedirs(CACHE, exist_ok=True)
-        run("npm", "pack", f"pyodide@{PYODIDE}", "--silent", "--pack-destination", CACHE)
+    tgz = npm_package("pyodide", PYODIDE)
     dest = os.path.join(out, "pyodide")
     os.makedirs(dest, exist_ok=True)
     with tarfile.open(tgz) as tar:
@@ -49,6 +48,32 @@ def pyodide_files(out):
             src = tar.extractfile(f"package/{name}")
             with open(os.path.join(dest, name), "wb") as f:
                 shutil.copyfileobj(src, f)
+
+
+def npm_package(name, version) -> str:
+    """The npm registry's tarball of name@version, cached."""
+    tgz = os.path.join(CACHE, f"{name}-{version}.tgz")
+    if not os.path.exists(tgz):
+        os.makedirs(CACHE, exist_ok=True)
+        run("npm", "pack", f"{name}@{version}", "--silent", "--pack-destination", CACHE)
+    return tgz
+
+
+def hash_wasm(out):
+    """hash-wasm's SHA-256 (its UMD build: WebAssembly inside, no other file) as an ES module at
+    web/vendor/sha256.mjs, with its licence."""
+    dest = os.path.join(out, "web", "vendor")
+    os.makedirs(dest, exist_ok=True)
+    with tarfile.open(npm_package("hash-wasm", HASH_WASM)) as tar:
+        umd = tar.extractfile("package/dist/sha256.umd.min.js").read().decode()
+        licence = tar.extractfile("package/LICENSE").read()
+    with open(os.path.join(dest, "sha256.mjs"), "w") as f:
+        # the UMD wrapper takes the CommonJS branch and fills `exports`
+        f.write(f"// hash-wasm {HASH_WASM} (MIT, LICENSE.hash-wasm): its SHA-256 build as an ES module\n"
+                "const exports = {}, module = { exports };\n" + umd +
+                "\nexport const { createSHA256 } = exports;\n")
+    with open(os.path.join(dest, "LICENSE.hash-wasm"), "wb") as f:
+        f.write(licence)
 
 
 def pip_download(spec, *extra) -> str:
@@ -146,6 +171,7 @@ def main(argv=None):
     pyodide_files(tmp)
     wheels(tmp)
     shutil.copytree(os.path.join(ROOT, "web"), os.path.join(tmp, "web"))
+    hash_wasm(tmp)
     for f in os.listdir(os.path.join(ROOT, "static")):
         src = os.path.join(ROOT, "static", f)
         (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(tmp, f))

@@ -1,5 +1,8 @@
 // Where the download cache lives: model shards in IndexedDB (each a Blob), each verified by
-// sha256 before it is stored and again before its bytes go to the GPU.
+// sha256 before it is stored and again before its bytes go to the GPU. Shard bytes stream through
+// a few small buffers (hashed a piece at a time): a shard is whole only inside its Blob.
+
+import { createSHA256 } from "./vendor/sha256.mjs";
 
 const DB_NAME = "pyengine";
 const DB_VERSION = 2;      // 2: a "settings" store (kernel tuning per adapter) beside models and shards
@@ -46,6 +49,8 @@ export async function sha256Hex(bytes) {
 }
 
 const MAX_SHARD = 32 << 20;
+const PIECE = 4 << 20;       // bytes a shard streams through at a time
+export const HASH_PIECE = 1 << 20;  // bytes a hash reads at a time
 const HEX64 = /^[0-9a-f]{64}$/;
 const SHARD_FILE = /^[A-Za-z0-9_-][A-Za-z0-9._-]*$/;   // a plain name beside the manifest: no scheme, no path
 
@@ -88,37 +93,38 @@ function withLock(id, mode, fn) {
 const STOPPED = "the download stopped because the load failed";
 const MB = (n) => `${(n / 1e6).toFixed(1)} MB`;
 
-// The buffers shard bytes are read into, used again and again: a download or a read from IndexedDB
-// fills one, and it comes back once the upload has moved past its shard. A load then allocates a
-// few buffers, not one per shard (plus the fetch's chunks) that V8 frees only when it next collects:
-// garbage that kept the page several shards above its footprint while loading.
-class BufferPool {
-  constructor(size, keep) {
+// The buffers shard bytes pass through, a piece at a time, used again and again: a download or a
+// read of a stored shard fills one, hands it on (to the hash, to a Blob, to the GPU) and fills it
+// again. A load allocates one per shard downloading plus one for the upload, whatever the model's
+// size: no shard is ever whole in the page's memory (whole-shard buffers, and the copies that
+// hashing and storing them made, kept the page 3.3-3.7 shards above its footprint while loading).
+export class BufferPool {
+  constructor(size) {
     this.size = size;
-    this.keep = keep;
     this.free = [];
-    this.made = 0;               // buffers allocated: a load of any number of shards needs keep of them
+    this.made = 0;               // buffers allocated
   }
 
-  take(n) {
-    if (n <= this.size && this.free.length) return this.free.pop();
+  take() {
+    if (this.free.length) return this.free.pop();
     this.made += 1;
-    return new ArrayBuffer(Math.max(n, this.size));
+    return new ArrayBuffer(this.size);
   }
 
   // A buffer a stream has detached has no bytes left: it is dropped.
   give(buf) {
-    if (buf && buf.byteLength === this.size && this.free.length < this.keep && !this.free.includes(buf)) this.free.push(buf);
+    if (buf && buf.byteLength === this.size && !this.free.includes(buf)) this.free.push(buf);
   }
 
   clear() { this.free = []; }
 }
 
-// Reads a body of exactly `size` bytes into a buffer of `pool`: straight into it where the stream
-// can (a byte stream's BYOB reader), chunk by chunk otherwise. Resolves to a view of the bytes;
-// throws when the body is shorter or longer, or when no byte arrives for stallMs (a stalled stream
-// never ends by itself).
-async function readBody(body, size, pool, stallMs) {
+// Reads a body of exactly `size` bytes through one buffer of `pool`, calling onPiece(view) (it may
+// be async; the view is valid until it returns) with each full buffer's worth and with the rest at
+// the end: straight into the buffer where the stream can (a byte stream's BYOB reader), chunk by
+// chunk otherwise. Throws when the body is shorter or longer, or when no byte arrives for stallMs
+// (a stalled stream never ends by itself).
+async function streamPieces(body, size, pool, stallMs, onPiece) {
   let byob = null;
   try { byob = body.getReader({ mode: "byob" }); } catch (e) { byob = null; }
   const reader = byob || body.getReader();
@@ -132,45 +138,187 @@ async function readBody(body, size, pool, stallMs) {
     });
     return Promise.race([view ? reader.read(view) : reader.read(), stalled]).finally(() => clearTimeout(timer));
   };
-  let buf = pool.take(size);
-  let n = 0;
-  const tooLong = () => new Error(`got more than ${size} bytes, expected ${size}`);
-  if (byob) {
-    while (n < size) {
-      const { done, value } = await read(new Uint8Array(buf, n, size - n));
-      if (value) buf = value.buffer;        // the same memory, handed back by the stream
-      if (done) break;
-      n += value.byteLength;
+  const tooLong = () => {
+    reader.cancel().catch(() => {});
+    return new Error(`got more than ${size} bytes, expected ${size}`);
+  };
+  let buf = pool.take();
+  let fill = 0;        // bytes in buf
+  let n = 0;           // bytes of the body so far
+  const flush = async () => {
+    if (fill === pool.size || n === size) {
+      await onPiece(new Uint8Array(buf, 0, fill));
+      fill = 0;
     }
-    if (n === size) {
-      const { done } = await read(new Uint8Array(1));
-      if (!done) { reader.cancel().catch(() => {}); throw tooLong(); }
+  };
+  try {
+    if (byob) {
+      while (n < size) {
+        const { done, value } = await read(new Uint8Array(buf, fill, Math.min(pool.size - fill, size - n)));
+        if (value) buf = value.buffer;        // the same memory, handed back by the stream
+        if (done) break;
+        fill += value.byteLength;
+        n += value.byteLength;
+        await flush();
+      }
+      if (n === size) {
+        const { done } = await read(new Uint8Array(1));
+        if (!done) throw tooLong();
+      }
+    } else {
+      for (;;) {
+        const { done, value } = await read(null);
+        if (done) break;
+        if (n + value.byteLength > size) throw tooLong();
+        for (let off = 0; off < value.byteLength;) {
+          const k = Math.min(pool.size - fill, value.byteLength - off);
+          new Uint8Array(buf, fill, k).set(value.subarray(off, off + k));
+          fill += k;
+          off += k;
+          n += k;
+          await flush();
+        }
+      }
     }
-  } else {
-    const out = new Uint8Array(buf, 0, size);
-    for (;;) {
-      const { done, value } = await read(null);
-      if (done) break;
-      if (n + value.byteLength > size) { reader.cancel().catch(() => {}); throw tooLong(); }
-      out.set(value, n);
-      n += value.byteLength;
-    }
-  }
-  if (n !== size) {
+    if (n !== size) throw new Error(`got ${n} bytes, expected ${size}`);
+  } finally {
     pool.give(buf);
-    throw new Error(`got ${n} bytes, expected ${size}`);
   }
-  return new Uint8Array(buf, 0, size);
+}
+
+// Reads ranges of a Blob in increasing order through one stream, straight into one buffer of a
+// pool (a stream per range cost a round trip to the browser's blob store each, for every tensor,
+// and a Blob's default reader hands over 2 MB chunks that stay until V8 next collects); a range
+// behind the last one opens another stream where it starts.
+class SequentialReader {
+  constructor(blob, pool) {
+    this.blob = blob;
+    this.pool = pool;
+    this.reader = null;
+    this.buf = null;
+    this.lo = 0;         // buf[lo, hi) holds the blob's bytes [pos, pos + hi - lo)
+    this.hi = 0;
+    this.pos = 0;
+  }
+
+  // onBytes(view) with consecutive views of bytes [start, start + len); a view is valid until it returns.
+  async read(start, len, onBytes) {
+    if (!this.reader || start < this.pos) {
+      this.close();
+      this.reader = this.blob.slice(start).stream().getReader({ mode: "byob" });
+      this.buf = this.pool.take();
+      this.pos = start;
+    }
+    while (len > 0) {
+      if (this.lo === this.hi) {
+        const { done, value } = await this.reader.read(new Uint8Array(this.buf));
+        if (value) this.buf = value.buffer;
+        if (done) throw new Error(`a shard ended at byte ${this.pos}, before byte ${start + len}`);
+        this.lo = 0;
+        this.hi = value.byteLength;
+      }
+      const skip = Math.min(start - this.pos, this.hi - this.lo);
+      const k = Math.min(len, this.hi - this.lo - skip);
+      this.lo += skip;
+      this.pos += skip;
+      if (k > 0) {
+        await onBytes(new Uint8Array(this.buf, this.lo, k));
+        this.lo += k;
+        this.pos += k;
+        start += k;
+        len -= k;
+      }
+    }
+  }
+
+  close() {
+    if (this.reader) this.reader.cancel().catch(() => {});
+    if (this.buf) this.pool.give(this.buf);
+    this.reader = null;
+    this.buf = null;
+    this.lo = this.hi = 0;
+  }
+}
+
+// A sha256 over Blobs added in order (a shard's pieces as they arrive), each read as its stream
+// hands its bytes over.
+export class Sha256Job {
+  constructor(pool = new BufferPool(HASH_PIECE)) {
+    this.pool = pool;
+    this.chain = createSHA256().then((h) => { h.init(); return h; });
+    this.chain.catch(() => {});
+  }
+
+  add(blob) {
+    this.chain = this.chain.then(async (h) => {
+      await streamPieces(blob.stream(), blob.size, this.pool, 60000, (piece) => { h.update(piece); });
+      return h;
+    });
+    this.chain.catch(() => {});
+  }
+
+  async digest() { return (await this.chain).digest("hex"); }
+}
+
+// Hashes in a worker of its own (web/hasher.js), beside the thread that uploads; in this thread
+// where no worker can be started. begin() gives a job: add(blob) for each piece, then digest().
+class Hasher {
+  constructor() {
+    this.worker = null;
+    this.waiting = new Map();     // id -> {ok, bad}
+    this.next = 0;
+    try {
+      this.worker = new Worker(new URL("./hasher.js", import.meta.url), { type: "module" });
+      this.worker.onmessage = ({ data: { id, sha256, error } }) => {
+        const w = this.waiting.get(id);
+        this.waiting.delete(id);
+        if (!w) return;                        // a job given up (its download failed)
+        if (error === undefined) w.ok(sha256); else w.bad(new Error(error));
+      };
+      this.worker.onerror = (e) => this._failAll(new Error(`the hashing worker failed: ${e.message || "no message"}`));
+    } catch (e) {
+      this.worker = null;
+    }
+  }
+
+  begin() {
+    if (!this.worker) return new Sha256Job();
+    const id = this.next++;
+    const post = (msg) => { if (this.worker) this.worker.postMessage({ id, ...msg }); };
+    return {
+      add: (blob) => post({ blob }),
+      digest: () => new Promise((ok, bad) => {
+        if (!this.worker) { bad(new Error("the hashing worker failed")); return; }
+        this.waiting.set(id, { ok, bad });
+        post({ end: true });
+      }),
+      cancel: () => post({ end: true }),
+    };
+  }
+
+  async sha256(blob) {
+    const job = this.begin();
+    job.add(blob);
+    return job.digest();
+  }
+
+  _failAll(e) {
+    for (const w of this.waiting.values()) w.bad(e);
+    this.waiting.clear();
+    if (this.worker) this.worker.terminate();
+    this.worker = null;
+  }
+
+  close() { this._failAll(new Error("the shard store was released")); }
 }
 
 // The hand-over between a download and the upload that runs beside it: shards arrive in any order,
 // the upload takes them in file order, and no more than `window` of them are downloading or waiting
 // to be taken at once. A shard the upload has gone past is not kept (it is stored: a later read of
-// it comes from IndexedDB).
+// it comes from IndexedDB). What passes through is each shard's verified Blob.
 class ShardPipe {
-  constructor(window, recycle = () => {}) {
+  constructor(window) {
     this.window = Math.max(1, window);
-    this.recycle = recycle;      // takes the bytes of a shard nobody will use
     this.slots = new Map();      // index -> {promise, resolve, reject, data, state}
     this.frontier = -1;          // the highest index the upload has asked for
     this.held = 0;               // shards downloading or waiting to be taken
@@ -206,7 +354,6 @@ class ShardPipe {
   _wake() { for (const w of this.wakers.splice(0)) w(); }
 
   _free(slot) {
-    if (slot.data) this.recycle(slot.data);
     slot.data = null;
     if (slot.state === "arrived") { this.held -= 1; slot.state = "gone"; this._wake(); }
   }
@@ -219,7 +366,7 @@ class ShardPipe {
     if (i < this.frontier || this.finished) this._free(slot);
   }
 
-  // The bytes of shard i if it is (or is about to be) a fresh download, else null.
+  // The Blob of shard i if it is (or is about to be) a fresh download, else null.
   async take(i) {
     await this.ready;
     this.frontier = Math.max(this.frontier, i);
@@ -251,10 +398,13 @@ class ShardPipe {
 }
 
 export class ShardStore {
-  // One shard downloads while the one before it goes to the GPU: two downloading at once held a
-  // third shard's bytes in memory and loaded no faster (benchmarks/load_memory.py).
+  // One shard downloads while the one before it goes to the GPU (two at once loaded no faster).
+  // pieceBytes: the size of the buffers shard bytes stream through (a multiple of 4).
   constructor(manifestUrl, manifest, { concurrency = 1, fetchImpl, attempts = 4, backoffMs = 500,
-                                       stallMs = 30000 } = {}) {
+                                       stallMs = 30000, pieceBytes = PIECE } = {}) {
+    if (!Number.isSafeInteger(pieceBytes) || pieceBytes < 4 || pieceBytes % 4) {
+      throw new Error(`pieceBytes must be a positive multiple of 4, got ${pieceBytes}`);
+    }
     this.url = manifestUrl;
     this.manifest = checkManifest(manifest);
     this.id = manifest.model.sha256;   // content hash: another model or version never mixes in
@@ -263,10 +413,13 @@ export class ShardStore {
     this.backoffMs = backoffMs;
     this.stallMs = stallMs;
     this.fetch = fetchImpl || ((...a) => fetch(...a));
-    this.current = null;               // the one shard held in memory while uploading
+    this.current = null;               // {index, blob}: the verified shard the upload reads
+    this.ahead = null;                 // {index, blob: a promise}: the next stored shard, being checked
+    this._hasher = null;
     this.requests = 0;
-    // the shards downloading or waiting and the one being uploaded (or read from IndexedDB)
-    this.buffers = new BufferPool(Math.max(...this.manifest.shards.map((s) => s.size)), concurrency + 1);
+    // a piece buffer for each shard downloading and one for the upload (or a stored shard's check)
+    const largest = Math.max(...this.manifest.shards.map((s) => s.size));
+    this.buffers = new BufferPool(Math.min(pieceBytes, (largest + 3) & ~3));
   }
 
   static async open(manifestUrl, opts) {
@@ -302,7 +455,7 @@ export class ShardStore {
   reading(fn) { return withLock(this.id, "shared", fn); }
 
   // Downloads what is missing and runs `use` (the upload to the GPU, which reads the shards in order
-  // through shardBytes) at the same time: each shard goes to the GPU as soon as it is verified and
+  // through writeTensor or shardBlob) at the same time: each shard goes to the GPU as soon as it is verified and
   // stored, while the next ones download. At most `concurrency` shards are in memory besides the
   // one being uploaded. Resolves to use's result once every shard is stored; a failed download fails
   // the upload that waits for it, and a failed upload starts no new download. onProgress gets bytes
@@ -310,10 +463,24 @@ export class ShardStore {
   // replaces them.
   async load(onProgress, use) {
     const stored = (await this.storedIndices()).size === this.manifest.shards.length;
-    const r = stored ? await this._loadStored(onProgress, use)
-      : await withLock(this.id, "exclusive", () => this._loadDownloading(onProgress, use));
+    let r;
+    try {
+      r = stored ? await this._loadStored(onProgress, use)
+        : await withLock(this.id, "exclusive", () => this._loadDownloading(onProgress, use));
+    } finally {
+      this._closeHasher();
+    }
     r.removed = await this._dropStaleVersions();
     return r;
+  }
+
+  // The hashing worker, started when first needed.
+  get hasher() { return this._hasher || (this._hasher = new Hasher()); }
+
+  _closeHasher() {
+    if (this._hasher) this._hasher.close();
+    this._hasher = null;
+    this.ahead = null;
   }
 
   async _loadStored(onProgress, use) {
@@ -323,7 +490,7 @@ export class ShardStore {
   }
 
   async _loadDownloading(onProgress, use) {
-    const pipe = this.pipe = new ShardPipe(this.concurrency, (bytes) => this.buffers.give(bytes.buffer));
+    const pipe = this.pipe = new ShardPipe(this.concurrency);
     const download = this._fetchMissing(onProgress, pipe).catch((e) => { pipe.fail(e); throw e; });
     download.catch(() => {});
     let result;
@@ -374,15 +541,15 @@ export class ShardStore {
     let failed = false;
     const worker = async () => {
       for (;;) {
-        await pipe.room();      // no more shards in memory than the upload lets through
+        await pipe.room();      // no more shards ahead of the upload than the window
         if (next >= missing.length || failed || pipe.stopped) {
           pipe.unroom();
           return;
         }
         const i = missing[next++];
-        const data = await this._fetchShard(i);
-        await this._store(i, data);
-        pipe.arrived(i, data);
+        const blob = await this._fetchShard(i);
+        await this._store(i, blob);
+        pipe.arrived(i, blob);
         loaded += shards[i].size;
         count += 1;
         report();
@@ -403,10 +570,10 @@ export class ShardStore {
   }
 
   // A stored shard is recorded in one transaction with its bytes: a refused write records nothing.
-  async _store(i, data) {
+  async _store(i, blob) {
     const db = await openDB();
     const tx = db.transaction("shards", "readwrite");
-    tx.objectStore("shards").put({ model: this.id, index: i, sha256: this.manifest.shards[i].sha256, data: new Blob([data]) });
+    tx.objectStore("shards").put({ model: this.id, index: i, sha256: this.manifest.shards[i].sha256, data: blob });
     try {
       await done(tx);
     } catch (e) {
@@ -418,6 +585,7 @@ export class ShardStore {
     }
   }
 
+  // Shard i's bytes from the network as a Blob, verified against the manifest's sha256.
   async _fetchShard(i) {
     const s = this.manifest.shards[i];
     const url = new URL(s.file, this.url).href;
@@ -426,12 +594,9 @@ export class ShardStore {
       if (attempt) await new Promise((r) => setTimeout(r, this.backoffMs * 2 ** (attempt - 1)));
       try {
         this.requests++;
-        const data = await this._download(url, s.size);
-        if ((await sha256Hex(data)) !== s.sha256) {
-          this.buffers.give(data.buffer);
-          throw new Error("its sha256 does not match the manifest");
-        }
-        return data;
+        const { blob, sha256 } = await this._download(url, s.size);
+        if (sha256 !== s.sha256) throw new Error("its sha256 does not match the manifest");
+        return blob;
       } catch (e) {
         last = e;
       }
@@ -439,9 +604,8 @@ export class ShardStore {
     throw new Error(`shard ${s.file} could not be downloaded after ${this.attempts} attempts: ${last && last.message}`);
   }
 
-  // The body, `size` bytes read into a buffer of the pool (a view of them), failing when no byte
-  // arrives for stallMs (a stalled connection never ends by itself) or when the body is not `size`
-  // bytes long.
+  // The body ({blob, sha256}), exactly `size` bytes streamed a piece at a time into Blob parts, failing when no byte arrives for stallMs (a stalled connection never ends by
+  // itself) or when the body is not `size` bytes long.
   async _download(url, size) {
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), this.stallMs);    // until the response starts
@@ -449,12 +613,20 @@ export class ShardStore {
       const res = await this.fetch(url, { signal: ctl.signal });
       clearTimeout(timer);
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
-      if (!res.body) {
-        const data = await res.arrayBuffer();
-        if (data.byteLength !== size) throw new Error(`got ${data.byteLength} bytes, expected ${size}`);
-        return new Uint8Array(data);
+      const body = res.body || new Blob([await res.arrayBuffer()]).stream();
+      // each piece goes into a Blob, which the hashing worker reads while the next piece downloads
+      const parts = [];
+      const hash = this.hasher.begin();
+      try {
+        await streamPieces(body, size, this.buffers, this.stallMs, (piece) => {
+          parts.push(new Blob([piece]));
+          hash.add(parts[parts.length - 1]);
+        });
+      } catch (e) {
+        if (hash.cancel) hash.cancel();
+        throw e;
       }
-      return await readBody(res.body, size, this.buffers, this.stallMs);
+      return { blob: new Blob(parts), sha256: await hash.digest() };
     } catch (e) {
       if (ctl.signal.aborted) throw new Error(`no data for ${this.stallMs / 1000} s`);
       throw e;
@@ -463,45 +635,57 @@ export class ShardStore {
     }
   }
 
-  // A stored shard's bytes in a buffer of the pool: a Blob (or an ArrayBuffer, as earlier versions
-  // stored them), or null where there is none.
-  async _readStored(data) {
-    if (data instanceof ArrayBuffer) return new Uint8Array(data);
-    if (!(data instanceof Blob)) return null;
+  // A stored shard (a Blob, or an ArrayBuffer as earlier versions stored them) if its bytes still
+  // match the manifest, else null.
+  async _verifyStored(i, data) {
+    const s = this.manifest.shards[i];
+    const blob = data instanceof Blob ? data : data instanceof ArrayBuffer ? new Blob([data]) : null;
+    if (!blob || blob.size !== s.size) return null;
     try {
-      return await readBody(data.stream(), data.size, this.buffers, this.stallMs);
+      return (await this.hasher.sha256(blob)) === s.sha256 ? blob : null;
     } catch (e) {
       return null;        // unreadable: fetched again
     }
   }
 
-  _drop() {
-    if (this.current) this.buffers.give(this.current.bytes.buffer);
+  // Shard i as a Blob whose bytes match the manifest: the one just downloaded, else the stored one
+  // checked again (one that is missing or changed inside IndexedDB is never used: it is fetched
+  // again). While the upload reads it, the next shard's check starts where that one is stored.
+  async shardBlob(i) {
+    if (this.current && this.current.index === i) return this.current.blob;
+    this._dropCurrent();
+    let blob = this.pipe && await this.pipe.take(i);
+    if (!blob) {
+      const ahead = this.ahead && this.ahead.index === i ? this.ahead.blob : this._stored(i);
+      this.ahead = null;
+      blob = await ahead;
+      if (!blob) {
+        this.refetched = (this.refetched || 0) + 1;
+        await this._deleteShard(i);
+        blob = await this._fetchShard(i);
+        await this._store(i, blob);
+      }
+    }
+    this.current = { index: i, blob };
+    const next = i + 1;
+    if (next < this.manifest.shards.length && !(this.pipe && this.pipe.slots.has(next))) {
+      this.ahead = { index: next, blob: this._stored(next) };
+      this.ahead.blob.catch(() => {});
+    }
+    return blob;
+  }
+
+  _dropCurrent() {
+    if (this.current && this.current.reader) this.current.reader.close();
     this.current = null;
   }
 
-  async shardBytes(i) {
-    if (this.current && this.current.index === i) return this.current.bytes;
-    this._drop();
-    const fresh = this.pipe && await this.pipe.take(i);    // just downloaded and verified
-    if (fresh) {
-      this.current = { index: i, bytes: fresh };
-      return fresh;
-    }
+  // Stored shard i if its bytes still match the manifest, else null.
+  async _stored(i) {
     const db = await openDB();
     const tx = db.transaction("shards", "readonly");
     const rec = await req(tx.objectStore("shards").get([this.id, i]));
-    let bytes = rec ? await this._readStored(rec.data) : null;
-    if (!bytes || (await sha256Hex(bytes)) !== this.manifest.shards[i].sha256) {
-      // missing or changed inside IndexedDB since it was stored: never upload it; fetch it again
-      if (bytes) this.buffers.give(bytes.buffer);
-      this.refetched = (this.refetched || 0) + 1;
-      await this._deleteShard(i);
-      bytes = await this._fetchShard(i);
-      await this._store(i, bytes);
-    }
-    this.current = { index: i, bytes };
-    return bytes;
+    return rec ? this._verifyStored(i, rec.data) : null;
   }
 
   async _deleteShard(i) {
@@ -511,22 +695,46 @@ export class ShardStore {
     await done(tx);
   }
 
-  header() { return this.shardBytes(0); }
+  // The GGUF header: shard 0's bytes.
+  async header() { return new Uint8Array(await (await this.shardBlob(0)).arrayBuffer()); }
 
-  // Copies file bytes [offset, offset + n) into GPU buffer `bufId` through the replayer;
-  // onWritten(bytes) after each shard's part.
+  // Copies file bytes [offset, offset + n) into GPU buffer `bufId` through the replayer, a piece
+  // at a time; onWritten(bytes) after each piece. Tensors come in file order: each shard is read
+  // through one stream.
   async writeTensor(replayer, bufId, offset, n, onWritten = () => {}) {
     const shards = this.manifest.shards;
+    const pool = this.buffers;
     let dst = 0;
     for (let i = 0; i < shards.length && n > 0; i++) {
       const s = shards[i];
       if (offset >= s.offset + s.size || offset + n <= s.offset) continue;
-      const bytes = await this.shardBytes(i);
+      await this.shardBlob(i);
+      const cur = this.current;
+      cur.reader = cur.reader || new SequentialReader(cur.blob, pool);
       const start = offset - s.offset;
       const len = Math.min(n, s.size - start);
-      replayer.writeBytes(bufId, dst, bytes, start, len);
-      onWritten(len);
-      dst += len;
+      const buf = pool.take();
+      let fill = 0;
+      const flush = () => {
+        replayer.writeBytes(bufId, dst, new Uint8Array(buf, 0, fill), 0, fill);
+        dst += fill;
+        onWritten(fill);
+        fill = 0;
+      };
+      try {
+        await cur.reader.read(start, len, (view) => {
+          for (let off = 0; off < view.byteLength;) {
+            const k = Math.min(pool.size - fill, view.byteLength - off);
+            new Uint8Array(buf, fill, k).set(view.subarray(off, off + k));
+            fill += k;
+            off += k;
+            if (fill === pool.size) flush();
+          }
+        });
+        if (fill) flush();
+      } finally {
+        pool.give(buf);
+      }
       offset += len;
       n -= len;
     }
@@ -535,7 +743,8 @@ export class ShardStore {
 
   // The upload is done with the shards: what the pool holds goes too.
   release() {
-    this.current = null;
+    this._dropCurrent();
+    this._closeHasher();
     this.buffers.clear();
   }
 }
