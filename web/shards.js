@@ -95,7 +95,7 @@ const MB = (n) => `${(n / 1e6).toFixed(1)} MB`;
 
 // The buffers shard bytes pass through, a piece at a time, used again and again: a download or a
 // read of a stored shard fills one, hands it on (to the hash, to a Blob, to the GPU) and fills it
-// again. A load allocates one per shard downloading plus one for the upload, whatever the model's
+// again. A load allocates one per shard downloading plus two for the upload, whatever the model's
 // size: no shard is ever whole in the page's memory (whole-shard buffers, and the copies that
 // hashing and storing them made, kept the page 3.3-3.7 shards above its footprint while loading).
 export class BufferPool {
@@ -195,8 +195,10 @@ class SequentialReader {
     this.blob = blob;
     this.pool = pool;
     this.reader = null;
+    this.byob = false;
     this.buf = null;
-    this.lo = 0;         // buf[lo, hi) holds the blob's bytes [pos, pos + hi - lo)
+    this.data = null;    // data[lo, hi) holds the blob's bytes [pos, pos + hi - lo)
+    this.lo = 0;
     this.hi = 0;
     this.pos = 0;
   }
@@ -205,15 +207,20 @@ class SequentialReader {
   async read(start, len, onBytes) {
     if (!this.reader || start < this.pos) {
       this.close();
-      this.reader = this.blob.slice(start).stream().getReader({ mode: "byob" });
-      this.buf = this.pool.take();
+      const stream = this.blob.slice(start).stream();
+      try { this.reader = stream.getReader({ mode: "byob" }); this.byob = true; } catch (e) {
+        this.reader = stream.getReader();       // where a Blob's stream is no byte stream
+        this.byob = false;
+      }
+      if (this.byob) this.buf = this.pool.take();
       this.pos = start;
     }
     while (len > 0) {
       if (this.lo === this.hi) {
-        const { done, value } = await this.reader.read(new Uint8Array(this.buf));
-        if (value) this.buf = value.buffer;
+        const { done, value } = await (this.byob ? this.reader.read(new Uint8Array(this.buf)) : this.reader.read());
+        if (value && this.byob) this.buf = value.buffer;
         if (done) throw new Error(`a shard ended at byte ${this.pos}, before byte ${start + len}`);
+        this.data = value;
         this.lo = 0;
         this.hi = value.byteLength;
       }
@@ -222,7 +229,7 @@ class SequentialReader {
       this.lo += skip;
       this.pos += skip;
       if (k > 0) {
-        await onBytes(new Uint8Array(this.buf, this.lo, k));
+        await onBytes(this.data.subarray(this.lo, this.lo + k));
         this.lo += k;
         this.pos += k;
         start += k;
@@ -235,7 +242,7 @@ class SequentialReader {
     if (this.reader) this.reader.cancel().catch(() => {});
     if (this.buf) this.pool.give(this.buf);
     this.reader = null;
-    this.buf = null;
+    this.buf = this.data = null;
     this.lo = this.hi = 0;
   }
 }
@@ -243,7 +250,7 @@ class SequentialReader {
 // A sha256 over Blobs added in order (a shard's pieces as they arrive), each read as its stream
 // hands its bytes over.
 export class Sha256Job {
-  constructor(pool = new BufferPool(HASH_PIECE)) {
+  constructor(pool) {
     this.pool = pool;
     this.chain = createSHA256().then((h) => { h.init(); return h; });
     this.chain.catch(() => {});
@@ -267,6 +274,7 @@ class Hasher {
     this.worker = null;
     this.waiting = new Map();     // id -> {ok, bad}
     this.next = 0;
+    this.pool = new BufferPool(HASH_PIECE);   // for hashing in this thread
     try {
       this.worker = new Worker(new URL("./hasher.js", import.meta.url), { type: "module" });
       this.worker.onmessage = ({ data: { id, sha256, error } }) => {
@@ -282,7 +290,7 @@ class Hasher {
   }
 
   begin() {
-    if (!this.worker) return new Sha256Job();
+    if (!this.worker) return new Sha256Job(this.pool);
     const id = this.next++;
     const post = (msg) => { if (this.worker) this.worker.postMessage({ id, ...msg }); };
     return {
