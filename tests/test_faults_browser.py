@@ -493,18 +493,16 @@ const fakeReplayer = (sizes) => ({
 """
 
 
-@pytest.mark.parametrize("body", ["byte stream", "plain stream", "no hashing worker"])
+@pytest.mark.parametrize("body", ["byte stream", "plain stream"])
 def test_every_shard_streams_through_the_same_few_small_buffers(fine_page, body):
     # a cold load then a warm one, through writeTensor as the engine uploads: tensors of every size
     # in file order, some across shard boundaries, in pieces far smaller than a shard. Every byte
     # lands where it belongs, and the buffers it went through are one for the download and two for
     # the upload (the shard's stream reads into one, the GPU writes go from the other), for a model
-    # of many shards (straight from a byte stream, chunk by chunk from any other; hashed in a worker,
-    # or in the page's thread where no worker can start)
+    # of many shards (straight from a byte stream, chunk by chunk from any other)
     page, model, manifest = fine_page
-    r = page.evaluate(FAKE_REPLAYER_JS + """async ([model, plain, noWorker]) => {
+    r = page.evaluate(FAKE_REPLAYER_JS + """async ([model, plain]) => {
       const { ShardStore, sha256Hex } = await import("/web/shards.js");
-      if (noWorker) self.Worker = function () { throw new Error("no workers here"); };
       const fetchImpl = plain ? async (url, init) => {
         const res = await fetch(url, init);
         const reader = res.body.getReader();
@@ -541,7 +539,7 @@ def test_every_shard_streams_through_the_same_few_small_buffers(fine_page, body)
       const cold = await run(await ShardStore.open(model, opts));
       const warm = await run(await ShardStore.open(model, opts));
       return { cold, warm };
-    }""", [model, body == "plain stream", body == "no hashing worker"])
+    }""", [model, body == "plain stream"])
     want = [s["sha256"] for s in manifest["shards"]]
     for run in (r["cold"], r["warm"]):
         assert run["hashes"] == want, run

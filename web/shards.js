@@ -1,6 +1,7 @@
 // Where the download cache lives: model shards in IndexedDB (each a Blob), each verified by
 // sha256 before it is stored and again before its bytes go to the GPU. Shard bytes stream through
-// a few small buffers (hashed a piece at a time): a shard is whole only inside its Blob.
+// a few small buffers, hashed a piece at a time (hash-wasm's SHA-256: WebCrypto hashes whole
+// buffers only): a shard is whole only inside its Blob.
 
 import { createSHA256 } from "./vendor/sha256.mjs";
 
@@ -50,7 +51,6 @@ export async function sha256Hex(bytes) {
 
 const MAX_SHARD = 32 << 20;
 const PIECE = 4 << 20;       // bytes a shard streams through at a time
-export const HASH_PIECE = 1 << 20;  // bytes a hash reads at a time
 const HEX64 = /^[0-9a-f]{64}$/;
 const SHARD_FILE = /^[A-Za-z0-9_-][A-Za-z0-9._-]*$/;   // a plain name beside the manifest: no scheme, no path
 
@@ -98,7 +98,7 @@ const MB = (n) => `${(n / 1e6).toFixed(1)} MB`;
 // again. A load allocates one per shard downloading plus two for the upload, whatever the model's
 // size: no shard is ever whole in the page's memory (whole-shard buffers, and the copies that
 // hashing and storing them made, kept the page 3.3-3.7 shards above its footprint while loading).
-export class BufferPool {
+class BufferPool {
   constructor(size) {
     this.size = size;
     this.free = [];
@@ -124,20 +124,24 @@ export class BufferPool {
 // the end: straight into the buffer where the stream can (a byte stream's BYOB reader), chunk by
 // chunk otherwise. Throws when the body is shorter or longer, or when no byte arrives for stallMs
 // (a stalled stream never ends by itself).
+// reader.read(view) (a BYOB reader) or reader.read(), failing (and cancelling the stream) when
+// nothing comes for stallMs.
+function readWithin(reader, view, stallMs) {
+  let timer = null;
+  const stalled = new Promise((_, bad) => {
+    timer = setTimeout(() => {
+      reader.cancel().catch(() => {});
+      bad(new Error(`no data for ${stallMs / 1000} s`));
+    }, stallMs);
+  });
+  return Promise.race([view ? reader.read(view) : reader.read(), stalled]).finally(() => clearTimeout(timer));
+}
+
 async function streamPieces(body, size, pool, stallMs, onPiece) {
   let byob = null;
   try { byob = body.getReader({ mode: "byob" }); } catch (e) { byob = null; }
   const reader = byob || body.getReader();
-  const read = (view) => {
-    let timer = null;
-    const stalled = new Promise((_, bad) => {
-      timer = setTimeout(() => {
-        reader.cancel().catch(() => {});
-        bad(new Error(`no data for ${stallMs / 1000} s`));
-      }, stallMs);
-    });
-    return Promise.race([view ? reader.read(view) : reader.read(), stalled]).finally(() => clearTimeout(timer));
-  };
+  const read = (view) => readWithin(reader, view, stallMs);
   const tooLong = () => {
     reader.cancel().catch(() => {});
     return new Error(`got more than ${size} bytes, expected ${size}`);
@@ -191,9 +195,10 @@ async function streamPieces(body, size, pool, stallMs, onPiece) {
 // and a Blob's default reader hands over 2 MB chunks that stay until V8 next collects); a range
 // behind the last one opens another stream where it starts.
 class SequentialReader {
-  constructor(blob, pool) {
+  constructor(blob, pool, stallMs) {
     this.blob = blob;
     this.pool = pool;
+    this.stallMs = stallMs;
     this.reader = null;
     this.byob = false;
     this.buf = null;
@@ -217,7 +222,7 @@ class SequentialReader {
     }
     while (len > 0) {
       if (this.lo === this.hi) {
-        const { done, value } = await (this.byob ? this.reader.read(new Uint8Array(this.buf)) : this.reader.read());
+        const { done, value } = await readWithin(this.reader, this.byob ? new Uint8Array(this.buf) : null, this.stallMs);
         if (value && this.byob) this.buf = value.buffer;
         if (done) throw new Error(`a shard ended at byte ${this.pos}, before byte ${start + len}`);
         this.data = value;
@@ -247,77 +252,11 @@ class SequentialReader {
   }
 }
 
-// A sha256 over Blobs added in order (a shard's pieces as they arrive), each read as its stream
-// hands its bytes over.
-export class Sha256Job {
-  constructor(pool) {
-    this.pool = pool;
-    this.chain = createSHA256().then((h) => { h.init(); return h; });
-    this.chain.catch(() => {});
-  }
-
-  add(blob) {
-    this.chain = this.chain.then(async (h) => {
-      await streamPieces(blob.stream(), blob.size, this.pool, 60000, (piece) => { h.update(piece); });
-      return h;
-    });
-    this.chain.catch(() => {});
-  }
-
-  async digest() { return (await this.chain).digest("hex"); }
-}
-
-// Hashes in a worker of its own (web/hasher.js), beside the thread that uploads; in this thread
-// where no worker can be started. begin() gives a job: add(blob) for each piece, then digest().
-class Hasher {
-  constructor() {
-    this.worker = null;
-    this.waiting = new Map();     // id -> {ok, bad}
-    this.next = 0;
-    this.pool = new BufferPool(HASH_PIECE);   // for hashing in this thread
-    try {
-      this.worker = new Worker(new URL("./hasher.js", import.meta.url), { type: "module" });
-      this.worker.onmessage = ({ data: { id, sha256, error } }) => {
-        const w = this.waiting.get(id);
-        this.waiting.delete(id);
-        if (!w) return;                        // a job given up (its download failed)
-        if (error === undefined) w.ok(sha256); else w.bad(new Error(error));
-      };
-      this.worker.onerror = (e) => this._failAll(new Error(`the hashing worker failed: ${e.message || "no message"}`));
-    } catch (e) {
-      this.worker = null;
-    }
-  }
-
-  begin() {
-    if (!this.worker) return new Sha256Job(this.pool);
-    const id = this.next++;
-    const post = (msg) => { if (this.worker) this.worker.postMessage({ id, ...msg }); };
-    return {
-      add: (blob) => post({ blob }),
-      digest: () => new Promise((ok, bad) => {
-        if (!this.worker) { bad(new Error("the hashing worker failed")); return; }
-        this.waiting.set(id, { ok, bad });
-        post({ end: true });
-      }),
-      cancel: () => post({ end: true }),
-    };
-  }
-
-  async sha256(blob) {
-    const job = this.begin();
-    job.add(blob);
-    return job.digest();
-  }
-
-  _failAll(e) {
-    for (const w of this.waiting.values()) w.bad(e);
-    this.waiting.clear();
-    if (this.worker) this.worker.terminate();
-    this.worker = null;
-  }
-
-  close() { this._failAll(new Error("the shard store was released")); }
+// A SHA-256 (hash-wasm's) ready to take bytes.
+async function newSha256() {
+  const h = await createSHA256();
+  h.init();
+  return h;
 }
 
 // The hand-over between a download and the upload that runs beside it: shards arrive in any order,
@@ -423,7 +362,6 @@ export class ShardStore {
     this.fetch = fetchImpl || ((...a) => fetch(...a));
     this.current = null;               // {index, blob}: the verified shard the upload reads
     this.ahead = null;                 // {index, blob: a promise}: the next stored shard, being checked
-    this._hasher = null;
     this.requests = 0;
     // a piece buffer for each shard downloading and one for the upload (or a stored shard's check)
     const largest = Math.max(...this.manifest.shards.map((s) => s.size));
@@ -476,19 +414,10 @@ export class ShardStore {
       r = stored ? await this._loadStored(onProgress, use)
         : await withLock(this.id, "exclusive", () => this._loadDownloading(onProgress, use));
     } finally {
-      this._closeHasher();
+      this.ahead = null;
     }
     r.removed = await this._dropStaleVersions();
     return r;
-  }
-
-  // The hashing worker, started when first needed.
-  get hasher() { return this._hasher || (this._hasher = new Hasher()); }
-
-  _closeHasher() {
-    if (this._hasher) this._hasher.close();
-    this._hasher = null;
-    this.ahead = null;
   }
 
   async _loadStored(onProgress, use) {
@@ -612,7 +541,8 @@ export class ShardStore {
     throw new Error(`shard ${s.file} could not be downloaded after ${this.attempts} attempts: ${last && last.message}`);
   }
 
-  // The body ({blob, sha256}), exactly `size` bytes streamed a piece at a time into Blob parts, failing when no byte arrives for stallMs (a stalled connection never ends by
+  // The body ({blob, sha256}), exactly `size` bytes streamed a piece at a time into the hash and
+  // into Blob parts, failing when no byte arrives for stallMs (a stalled connection never ends by
   // itself) or when the body is not `size` bytes long.
   async _download(url, size) {
     const ctl = new AbortController();
@@ -622,19 +552,14 @@ export class ShardStore {
       clearTimeout(timer);
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
       const body = res.body || new Blob([await res.arrayBuffer()]).stream();
-      // each piece goes into a Blob, which the hashing worker reads while the next piece downloads
+      // each piece is hashed and goes into a Blob part while the next one downloads
       const parts = [];
-      const hash = this.hasher.begin();
-      try {
-        await streamPieces(body, size, this.buffers, this.stallMs, (piece) => {
-          parts.push(new Blob([piece]));
-          hash.add(parts[parts.length - 1]);
-        });
-      } catch (e) {
-        if (hash.cancel) hash.cancel();
-        throw e;
-      }
-      return { blob: new Blob(parts), sha256: await hash.digest() };
+      const hash = await newSha256();
+      await streamPieces(body, size, this.buffers, this.stallMs, (piece) => {
+        hash.update(piece);
+        parts.push(new Blob([piece]));
+      });
+      return { blob: new Blob(parts), sha256: hash.digest("hex") };
     } catch (e) {
       if (ctl.signal.aborted) throw new Error(`no data for ${this.stallMs / 1000} s`);
       throw e;
@@ -650,7 +575,9 @@ export class ShardStore {
     const blob = data instanceof Blob ? data : data instanceof ArrayBuffer ? new Blob([data]) : null;
     if (!blob || blob.size !== s.size) return null;
     try {
-      return (await this.hasher.sha256(blob)) === s.sha256 ? blob : null;
+      const hash = await newSha256();
+      await streamPieces(blob.stream(), s.size, this.buffers, this.stallMs, (piece) => { hash.update(piece); });
+      return hash.digest("hex") === s.sha256 ? blob : null;
     } catch (e) {
       return null;        // unreadable: fetched again
     }
@@ -718,7 +645,7 @@ export class ShardStore {
       if (offset >= s.offset + s.size || offset + n <= s.offset) continue;
       await this.shardBlob(i);
       const cur = this.current;
-      cur.reader = cur.reader || new SequentialReader(cur.blob, pool);
+      cur.reader = cur.reader || new SequentialReader(cur.blob, pool, this.stallMs);
       const start = offset - s.offset;
       const len = Math.min(n, s.size - start);
       const buf = pool.take();
@@ -752,7 +679,7 @@ export class ShardStore {
   // The upload is done with the shards: what the pool holds goes too.
   release() {
     this._dropCurrent();
-    this._closeHasher();
+    this.ahead = null;
     this.buffers.clear();
   }
 }
