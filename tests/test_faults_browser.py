@@ -21,6 +21,11 @@ LOAD_WITH_JS = """async ([model, download]) => {
   return window.engine.info;
 }"""
 QUESTION = "What is the capital of France?"
+# the tests' own sha256 (WebCrypto's), against the manifest's: the store hashes with hash-wasm
+SHA256_JS = """
+const sha256Hex = async (bytes) => Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", bytes)),
+                                              (b) => b.toString(16).padStart(2, "0")).join("");
+"""
 # most faults are the same whatever the model: the tiny one loads in a moment
 TINY_ASK_JS = """async (q) => {
   const r = await window.engine.chat.completions.create({
@@ -424,8 +429,8 @@ def test_shards_reach_the_gpu_while_the_next_ones_download(fine_page, tiny_expec
 
 def test_a_slow_upload_holds_the_download_back(fine_page):
     page, model, manifest = fine_page
-    r = page.evaluate("""async (model) => {
-      const { ShardStore, sha256Hex } = await import("/web/shards.js");
+    r = page.evaluate(SHA256_JS + """async (model) => {
+      const { ShardStore } = await import("/web/shards.js");
       const store = await ShardStore.open(model);
       let arrived = 0, taken = 0, ahead = 0;
       const hashes = [];
@@ -480,7 +485,7 @@ def test_an_upload_that_needs_few_shards_lets_the_rest_download(fine_page):
 
 # A stand-in for the GPU replayer: writeBytes as gpu.js's (n padded to 4 with zeros, the offset a
 # multiple of 4 as WebGPU demands), into plain arrays.
-FAKE_REPLAYER_JS = """
+FAKE_REPLAYER_JS = SHA256_JS + """
 const fakeReplayer = (sizes) => ({
   bufs: sizes.map((n) => new Uint8Array((n + 3) & ~3)),
   writes: 0,
@@ -502,7 +507,7 @@ def test_every_shard_streams_through_the_same_few_small_buffers(fine_page, body)
     # of many shards (straight from a byte stream, chunk by chunk from any other)
     page, model, manifest = fine_page
     r = page.evaluate(FAKE_REPLAYER_JS + """async ([model, plain]) => {
-      const { ShardStore, sha256Hex } = await import("/web/shards.js");
+      const { ShardStore } = await import("/web/shards.js");
       const fetchImpl = plain ? async (url, init) => {
         const res = await fetch(url, init);
         const reader = res.body.getReader();
@@ -573,8 +578,8 @@ def test_a_shard_stored_as_an_array_buffer_is_still_read(browser, site, tiny_exp
 def test_a_body_that_stops_half_way_is_given_up_and_fetched_again(fine_page):
     # the response starts, then no byte comes: after stallMs the shard is fetched again
     page, model, manifest = fine_page
-    r = page.evaluate("""async (model) => {
-      const { ShardStore, sha256Hex } = await import("/web/shards.js");
+    r = page.evaluate(SHA256_JS + """async (model) => {
+      const { ShardStore } = await import("/web/shards.js");
       const calls = {};
       const fetchImpl = async (url, init) => {
         const res = await fetch(url, init);

@@ -44,11 +44,6 @@ export function openDB() {
   return dbPromise;
 }
 
-export async function sha256Hex(bytes) {
-  const d = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
-  return Array.from(d, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
 const MAX_SHARD = 32 << 20;
 const PIECE = 4 << 20;       // bytes a shard streams through at a time
 const HEX64 = /^[0-9a-f]{64}$/;
@@ -119,11 +114,6 @@ class BufferPool {
   clear() { this.free = []; }
 }
 
-// Reads a body of exactly `size` bytes through one buffer of `pool`, calling onPiece(view) (it may
-// be async; the view is valid until it returns) with each full buffer's worth and with the rest at
-// the end: straight into the buffer where the stream can (a byte stream's BYOB reader), chunk by
-// chunk otherwise. Throws when the body is shorter or longer, or when no byte arrives for stallMs
-// (a stalled stream never ends by itself).
 // reader.read(view) (a BYOB reader) or reader.read(), failing (and cancelling the stream) when
 // nothing comes for stallMs.
 function readWithin(reader, view, stallMs) {
@@ -137,6 +127,48 @@ function readWithin(reader, view, stallMs) {
   return Promise.race([view ? reader.read(view) : reader.read(), stalled]).finally(() => clearTimeout(timer));
 }
 
+// Gathers bytes into one buffer of `pool`, handing each full buffer (and the rest, at end()) to
+// onPiece(view), which may be async; the view is valid until it returns.
+class Gather {
+  constructor(pool, onPiece) {
+    this.pool = pool;
+    this.onPiece = onPiece;
+    this.buf = pool.take();
+    this.fill = 0;
+  }
+
+  // Where the next bytes go, at most n: a BYOB read fills it, then added().
+  space(n) { return new Uint8Array(this.buf, this.fill, Math.min(this.pool.size - this.fill, n)); }
+
+  // k bytes were read into space().
+  async added(k) {
+    this.fill += k;
+    if (this.fill === this.pool.size) await this.end();
+  }
+
+  async push(view) {
+    for (let off = 0; off < view.byteLength;) {
+      const k = Math.min(this.pool.size - this.fill, view.byteLength - off);
+      new Uint8Array(this.buf, this.fill, k).set(view.subarray(off, off + k));
+      off += k;
+      await this.added(k);
+    }
+  }
+
+  async end() {
+    const n = this.fill;
+    this.fill = 0;
+    if (n) await this.onPiece(new Uint8Array(this.buf, 0, n));
+  }
+
+  // A buffer a stream detached (a read that failed) has no bytes left: the pool drops it.
+  release() { this.pool.give(this.buf); }
+}
+
+// Reads a body of exactly `size` bytes through one buffer of `pool`, calling onPiece(view) with
+// each full buffer's worth and with the rest at the end: straight into the buffer where the stream
+// can (a byte stream's BYOB reader), chunk by chunk otherwise. Throws when the body is shorter or
+// longer, or when no byte arrives for stallMs (a stalled stream never ends by itself).
 async function streamPieces(body, size, pool, stallMs, onPiece) {
   let byob = null;
   try { byob = body.getReader({ mode: "byob" }); } catch (e) { byob = null; }
@@ -146,24 +178,16 @@ async function streamPieces(body, size, pool, stallMs, onPiece) {
     reader.cancel().catch(() => {});
     return new Error(`got more than ${size} bytes, expected ${size}`);
   };
-  let buf = pool.take();
-  let fill = 0;        // bytes in buf
+  const gather = new Gather(pool, onPiece);
   let n = 0;           // bytes of the body so far
-  const flush = async () => {
-    if (fill === pool.size || n === size) {
-      await onPiece(new Uint8Array(buf, 0, fill));
-      fill = 0;
-    }
-  };
   try {
     if (byob) {
       while (n < size) {
-        const { done, value } = await read(new Uint8Array(buf, fill, Math.min(pool.size - fill, size - n)));
-        if (value) buf = value.buffer;        // the same memory, handed back by the stream
+        const { done, value } = await read(gather.space(size - n));
+        if (value) gather.buf = value.buffer;      // the same memory, handed back by the stream
         if (done) break;
-        fill += value.byteLength;
         n += value.byteLength;
-        await flush();
+        await gather.added(value.byteLength);
       }
       if (n === size) {
         const { done } = await read(new Uint8Array(1));
@@ -174,19 +198,14 @@ async function streamPieces(body, size, pool, stallMs, onPiece) {
         const { done, value } = await read(null);
         if (done) break;
         if (n + value.byteLength > size) throw tooLong();
-        for (let off = 0; off < value.byteLength;) {
-          const k = Math.min(pool.size - fill, value.byteLength - off);
-          new Uint8Array(buf, fill, k).set(value.subarray(off, off + k));
-          fill += k;
-          off += k;
-          n += k;
-          await flush();
-        }
+        n += value.byteLength;
+        await gather.push(value);
       }
     }
     if (n !== size) throw new Error(`got ${n} bytes, expected ${size}`);
+    await gather.end();
   } finally {
-    pool.give(buf);
+    gather.release();
   }
 }
 
@@ -363,7 +382,8 @@ export class ShardStore {
     this.current = null;               // {index, blob}: the verified shard the upload reads
     this.ahead = null;                 // {index, blob: a promise}: the next stored shard, being checked
     this.requests = 0;
-    // a piece buffer for each shard downloading and one for the upload (or a stored shard's check)
+    // a piece buffer for each shard downloading, two for the upload (its shard's stream reads into
+    // one, the GPU writes go from the other) and one for a stored shard's check
     const largest = Math.max(...this.manifest.shards.map((s) => s.size));
     this.buffers = new BufferPool(Math.min(pieceBytes, (largest + 3) & ~3));
   }
@@ -401,9 +421,9 @@ export class ShardStore {
   reading(fn) { return withLock(this.id, "shared", fn); }
 
   // Downloads what is missing and runs `use` (the upload to the GPU, which reads the shards in order
-  // through writeTensor or shardBlob) at the same time: each shard goes to the GPU as soon as it is verified and
-  // stored, while the next ones download. At most `concurrency` shards are in memory besides the
-  // one being uploaded. Resolves to use's result once every shard is stored; a failed download fails
+  // through writeTensor or shardBlob) at the same time: each shard goes to the GPU as soon as it
+  // is verified and stored, while the next ones download. At most `concurrency` shards are ahead of the one being
+  // uploaded. Resolves to use's result once every shard is stored; a failed download fails
   // the upload that waits for it, and a failed upload starts no new download. onProgress gets bytes
   // and shards done. Then removes older versions of the model from the same manifest URL: an upgrade
   // replaces them.
@@ -648,27 +668,16 @@ export class ShardStore {
       cur.reader = cur.reader || new SequentialReader(cur.blob, pool, this.stallMs);
       const start = offset - s.offset;
       const len = Math.min(n, s.size - start);
-      const buf = pool.take();
-      let fill = 0;
-      const flush = () => {
-        replayer.writeBytes(bufId, dst, new Uint8Array(buf, 0, fill), 0, fill);
-        dst += fill;
-        onWritten(fill);
-        fill = 0;
-      };
+      const gather = new Gather(pool, (piece) => {
+        replayer.writeBytes(bufId, dst, piece, 0, piece.byteLength);
+        dst += piece.byteLength;
+        onWritten(piece.byteLength);
+      });
       try {
-        await cur.reader.read(start, len, (view) => {
-          for (let off = 0; off < view.byteLength;) {
-            const k = Math.min(pool.size - fill, view.byteLength - off);
-            new Uint8Array(buf, fill, k).set(view.subarray(off, off + k));
-            fill += k;
-            off += k;
-            if (fill === pool.size) flush();
-          }
-        });
-        if (fill) flush();
+        await cur.reader.read(start, len, (view) => gather.push(view));
+        await gather.end();
       } finally {
-        pool.give(buf);
+        gather.release();
       }
       offset += len;
       n -= len;
