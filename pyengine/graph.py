@@ -397,8 +397,9 @@ class GraphBuilder:
         per = TOPK_MERGE                  # records merged by one workgroup
         while lists > 1:
             groups = -(-lists // per)
-            self._dispatch("topk", {"stage": "merge", "topk": TOPK}, {"COUNT": lists},
-                           {0: s.topk[src], 4: s.topk[1 - src]}, (groups, 1, 1), "topk merge")
+            records = Binding(s.topk[src], 0, 4 * (4 + 2 * TOPK) * lists)   # their number is its length
+            self._dispatch("topk", {"stage": "merge", "topk": TOPK}, {},
+                           {0: records, 4: s.topk[1 - src]}, (groups, 1, 1), "topk merge")
             src = 1 - src
             lists = groups
         s.result_index = src
