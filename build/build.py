@@ -133,12 +133,14 @@ def wheels(out):
 def model(out, model_path, slug):
     """Packs a GGUF into out/models/slug, reusing build/.cache while the file is unchanged."""
     sys.path.insert(0, ROOT)
-    from pyengine.shards import pack
+    from pyengine.shards import MAX_SHARD, PIECE, VERSION, pack
 
     dest = os.path.join(out, "models", slug)
     cached = os.path.join(CACHE, "models", slug)
     stamp = cached + ".source"
-    src_id = f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.getmtime(model_path)}"
+    # the source file, and the layout the shards were cut to (a new layout packs them again)
+    src_id = (f"{os.path.abspath(model_path)}:{os.path.getsize(model_path)}:{os.path.getmtime(model_path)}"
+              f":v{VERSION}:{MAX_SHARD}:{PIECE}:pieces")
     if not (os.path.exists(stamp) and open(stamp).read() == src_id and os.path.isdir(cached)):
         shutil.rmtree(cached, ignore_errors=True)
         pack(model_path, cached)

@@ -3,7 +3,10 @@
 Shard 0 is the GGUF header (metadata and tensor table); the others hold tensor data,
 cut at tensor boundaries so that a tensor lies in one shard unless it is larger than
 a shard. The manifest states the source file, its size and sha256 (the model's content
-hash, which keys the browser cache), and a format version.
+hash, which keys the browser cache), and a format version. Each shard also lists the sha256
+of each of its pieces of `piece_size` bytes (the last one shorter): the browser checks a
+download piece by piece as it streams (WebCrypto hashes whole buffers only), and a manifest
+without them is checked shard by shard.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .gguf import ByteSource, read_gguf
 FORMAT = "pyengine-shards"
 VERSION = 1
 MAX_SHARD = 32 << 20
+PIECE = 4 << 20          # bytes per hashed piece of a shard (the browser streams shards in these)
 
 
 class ManifestError(PyEngineError):
@@ -46,10 +50,12 @@ def plan_shards(gguf, max_shard: int = MAX_SHARD) -> list[tuple[int, int]]:
     return cuts
 
 
-def pack(model_path, outdir, max_shard: int = MAX_SHARD, name: str | None = None) -> dict:
+def pack(model_path, outdir, max_shard: int = MAX_SHARD, name: str | None = None, piece: int = PIECE) -> dict:
     """Writes OUTDIR/manifest.json and OUTDIR/shard-NNNNN.bin; returns the manifest."""
     if not 0 < max_shard <= MAX_SHARD:
         raise PyEngineError(f"shard size must be between 1 and {MAX_SHARD} bytes, got {max_shard}")
+    if not 4 <= piece <= MAX_SHARD or piece % 4:
+        raise PyEngineError(f"piece size must be a multiple of 4 between 4 and {MAX_SHARD} bytes, got {piece}")
     g = read_gguf(model_path)
     os.makedirs(outdir, exist_ok=True)
     whole = hashlib.sha256()
@@ -64,7 +70,8 @@ def pack(model_path, outdir, max_shard: int = MAX_SHARD, name: str | None = None
             with open(tmp, "wb") as out:
                 out.write(data)
             os.replace(tmp, os.path.join(outdir, fname))
-            shards.append({"file": fname, "offset": off, "size": size, "sha256": hashlib.sha256(data).hexdigest()})
+            shards.append({"file": fname, "offset": off, "size": size, "sha256": hashlib.sha256(data).hexdigest(),
+                           "pieces": [hashlib.sha256(data[at:at + piece]).hexdigest() for at in range(0, size, piece)]})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -77,6 +84,7 @@ def pack(model_path, outdir, max_shard: int = MAX_SHARD, name: str | None = None
             "tensors": len(g.tensors),
             "data_offset": g.data_offset,
         },
+        "piece_size": piece,
         "shards": shards,
     }
     tmp = os.path.join(outdir, "manifest.json.part")
@@ -101,6 +109,10 @@ def check_manifest(m) -> dict:
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards:
         raise ManifestError("the manifest lists no shards")
+    piece = m.get("piece_size")
+    if piece is not None and (not isinstance(piece, int) or isinstance(piece, bool) or not 4 <= piece <= MAX_SHARD
+                              or piece % 4):
+        raise ManifestError(f"the manifest's piece_size must be a multiple of 4 up to {MAX_SHARD}, got {piece!r}")
     pos = 0
     for i, s in enumerate(shards):
         if not isinstance(s, dict):
@@ -111,12 +123,23 @@ def check_manifest(m) -> dict:
         if s["offset"] != pos or not 0 < s["size"] <= MAX_SHARD:
             raise ManifestError(f"shard {i} does not continue the byte ranges (offset {s['offset']}, "
                                 f"size {s['size']}; expected offset {pos}, size up to {MAX_SHARD})")
+        if piece is not None:
+            hashes = s.get("pieces")
+            want = -(-s["size"] // piece)
+            if not isinstance(hashes, list) or len(hashes) != want or not all(_is_hex64(h) for h in hashes):
+                raise ManifestError(f"shard {i} needs the sha256 of each of its {want} pieces")
+        elif "pieces" in s:
+            raise ManifestError(f"shard {i} lists pieces but the manifest has no piece_size")
         if "/" in s["file"] or "\\" in s["file"] or s["file"].startswith("."):
             raise ManifestError(f"shard {i} names a file outside the manifest's folder: {s['file']!r}")
         pos += s["size"]
     if pos != model["size"]:
         raise ManifestError(f"the shards cover {pos} bytes but the model has {model['size']}")
     return m
+
+
+def _is_hex64(h) -> bool:
+    return isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)
 
 
 class HeaderSource(ByteSource):

@@ -21,7 +21,7 @@ LOAD_WITH_JS = """async ([model, download]) => {
   return window.engine.info;
 }"""
 QUESTION = "What is the capital of France?"
-# the tests' own sha256 (WebCrypto's), against the manifest's: the store hashes with hash-wasm
+# the tests' own sha256 (WebCrypto's over whole shards), against the manifest's
 SHA256_JS = """
 const sha256Hex = async (bytes) => Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", bytes)),
                                               (b) => b.toString(16).padStart(2, "0")).join("");
@@ -393,11 +393,12 @@ def test_a_gpu_that_runs_out_of_memory_mid_load_is_a_clear_error_then_loads_agai
 
 @pytest.fixture(scope="module")
 def fine_model(site, tiny_llama):
-    """The tiny model cut into many small shards: a download long enough to watch the upload beside it."""
+    """The tiny model cut into many small shards of pieces of 1 KiB: a download long enough to watch
+    the upload beside it."""
     from pyengine.shards import pack
 
     out, url = site
-    pack(tiny_llama, f"{out}/models/tiny-fine", max_shard=6_000)
+    pack(tiny_llama, f"{out}/models/tiny-fine", max_shard=6_000, piece=1024)
     with open(f"{out}/models/tiny-fine/manifest.json") as f:
         return url + "models/tiny-fine/manifest.json", json.load(f)
 
@@ -498,15 +499,18 @@ const fakeReplayer = (sizes) => ({
 """
 
 
+@pytest.mark.parametrize("checking", ["pieces", "whole"])
 @pytest.mark.parametrize("body", ["byte stream", "plain stream"])
-def test_every_shard_streams_through_the_same_few_small_buffers(fine_page, body):
+def test_every_shard_streams_through_the_same_few_small_buffers(fine_page, body, checking):
     # a cold load then a warm one, through writeTensor as the engine uploads: tensors of every size
     # in file order, some across shard boundaries, in pieces far smaller than a shard. Every byte
     # lands where it belongs, and the buffers it went through are one for the download and two for
     # the upload (the shard's stream reads into one, the GPU writes go from the other), for a model
-    # of many shards (straight from a byte stream, chunk by chunk from any other)
+    # of many shards (straight from a byte stream, chunk by chunk from any other), checked piece by
+    # piece (the buffers are the manifest's pieces) or shard by shard (they are not)
     page, model, manifest = fine_page
-    r = page.evaluate(FAKE_REPLAYER_JS + """async ([model, plain]) => {
+    piece_bytes = 1024 if checking == "pieces" else 1028
+    r = page.evaluate(FAKE_REPLAYER_JS + """async ([model, plain, pieceBytes]) => {
       const { ShardStore } = await import("/web/shards.js");
       const fetchImpl = plain ? async (url, init) => {
         const res = await fetch(url, init);
@@ -540,11 +544,13 @@ def test_every_shard_streams_through_the_same_few_small_buffers(fine_page, body)
         return { hashes, made: store.buffers.made, fetched: store.requests, writes: replayer.writes,
                  tensors: ranges.length, written, covered: ranges.reduce((a, [, n]) => a + n, 0) };
       };
-      const opts = { fetchImpl, pieceBytes: 1024 };
+      const opts = { fetchImpl, pieceBytes };
       const cold = await run(await ShardStore.open(model, opts));
-      const warm = await run(await ShardStore.open(model, opts));
-      return { cold, warm };
-    }""", [model, body == "plain stream"])
+      const store = await ShardStore.open(model, opts);
+      const warm = await run(store);
+      return { cold, warm, checking: store.checking };
+    }""", [model, body == "plain stream", piece_bytes])
+    assert r["checking"] == checking and manifest["piece_size"] == 1024
     want = [s["sha256"] for s in manifest["shards"]]
     for run in (r["cold"], r["warm"]):
         assert run["hashes"] == want, run
@@ -608,3 +614,79 @@ def test_a_body_that_stops_half_way_is_given_up_and_fetched_again(fine_page):
     }""", model)
     assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
     assert r["calls"] == [["shard-00003.bin", 2]]
+
+
+# shard 3 of the finely cut model with one byte changed in its third piece (of 1 KiB), on its first request
+CORRUPT_FETCH_JS = """
+const corruptOnce = () => {
+  const calls = {};
+  return async (url, init) => {
+    const res = await fetch(url, init);
+    calls[url] = (calls[url] || 0) + 1;
+    if (!url.endsWith("shard-00003.bin") || calls[url] > 1) return res;
+    const bytes = new Uint8Array(await res.arrayBuffer());
+    bytes[2500] ^= 1;
+    return new Response(bytes, { status: 200 });
+  };
+};
+"""
+
+
+@pytest.mark.parametrize("checking", ["pieces", "whole"])
+def test_a_changed_byte_in_one_piece_is_caught_and_the_shard_fetched_again(fine_page, checking):
+    page, model, manifest = fine_page
+    r = page.evaluate(SHA256_JS + CORRUPT_FETCH_JS + """async ([model, pieceBytes]) => {
+      const { ShardStore } = await import("/web/shards.js");
+      const store = await ShardStore.open(model, { fetchImpl: corruptOnce(), backoffMs: 10, pieceBytes });
+      const hashes = [];
+      await store.load(() => {}, async () => {
+        for (let i = 0; i < store.manifest.shards.length; i++) {
+          hashes.push(await sha256Hex(await (await store.shardBlob(i)).arrayBuffer()));
+        }
+      });
+      return { hashes, requests: store.requests, checking: store.checking };
+    }""", [model, 1024 if checking == "pieces" else 4096])
+    assert r["checking"] == checking
+    assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
+    assert r["requests"] == len(manifest["shards"]) + 1
+
+
+def test_a_manifest_whose_piece_hash_is_wrong_ends_the_load_with_a_clear_error(fine_page):
+    # the bytes are right but the manifest says otherwise of one piece: nothing of that shard is used
+    page, model, manifest = fine_page
+    r = page.evaluate("""async ([model, manifest]) => {
+      const { ShardStore } = await import("/web/shards.js");
+      manifest.shards[2].pieces[1] = "0".repeat(64);
+      const store = new ShardStore(model, manifest, { attempts: 2, backoffMs: 10 });
+      const used = [];
+      try {
+        await store.load(() => {}, async () => {
+          for (let i = 0; i < store.manifest.shards.length; i++) { await store.shardBlob(i); used.push(i); }
+        });
+      } catch (e) { return { error: e.message, used, stored: await store.storedIndices(), checking: store.checking }; }
+      return { error: null };
+    }""", [model, manifest])
+    assert r["checking"] == "pieces"
+    assert "shard-00002.bin" in r["error"] and "sha256 does not match" in r["error"], r
+    assert 2 not in r["used"] and 2 not in r["stored"]
+
+
+def test_a_manifest_without_piece_hashes_is_checked_shard_by_shard(fine_page):
+    # manifests written before pieces were hashed load as they did: a changed byte is still caught
+    page, model, manifest = fine_page
+    older = {k: v for k, v in manifest.items() if k != "piece_size"}
+    older["shards"] = [{k: v for k, v in s.items() if k != "pieces"} for s in manifest["shards"]]
+    r = page.evaluate(SHA256_JS + CORRUPT_FETCH_JS + """async ([model, older]) => {
+      const { ShardStore } = await import("/web/shards.js");
+      const store = new ShardStore(model, older, { fetchImpl: corruptOnce(), backoffMs: 10 });
+      const hashes = [];
+      await store.load(() => {}, async () => {
+        for (let i = 0; i < store.manifest.shards.length; i++) {
+          hashes.push(await sha256Hex(await (await store.shardBlob(i)).arrayBuffer()));
+        }
+      });
+      return { hashes, requests: store.requests, checking: store.checking };
+    }""", [model, older])
+    assert r["checking"] == "whole"
+    assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
+    assert r["requests"] == len(manifest["shards"]) + 1

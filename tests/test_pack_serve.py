@@ -18,17 +18,26 @@ from pyengine.shards import MAX_SHARD, ManifestError, check_manifest, pack, plan
 
 
 def test_pack_covers_the_file_with_verified_shards(tmp_path, tiny_llama):
-    m = pack(tiny_llama, tmp_path / "out", max_shard=40_000)
+    m = pack(tiny_llama, tmp_path / "out", max_shard=40_000, piece=4096)
     data = open(tiny_llama, "rb").read()
+    assert m["piece_size"] == 4096 and any(len(s["pieces"]) > 1 for s in m["shards"])
     assert m["model"]["sha256"] == hashlib.sha256(data).hexdigest() and m["model"]["size"] == len(data)
     joined = b""
     for s in m["shards"]:
         blob = (tmp_path / "out" / s["file"]).read_bytes()
         assert len(blob) == s["size"] <= 40_000 or s is m["shards"][0]
         assert hashlib.sha256(blob).hexdigest() == s["sha256"]
+        # and each piece's, cut at multiples of the piece size within the shard
+        assert s["pieces"] == [hashlib.sha256(blob[at:at + 4096]).hexdigest() for at in range(0, len(blob), 4096)]
         joined += blob
     assert joined == data
     check_manifest(json.loads((tmp_path / "out" / "manifest.json").read_text()))
+    # a manifest from before piece hashes is still read
+    older = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del older["piece_size"]
+    for s in older["shards"]:
+        del s["pieces"]
+    check_manifest(older)
     # shard 0 is exactly the header, and parses to the same tensor table
     header = (tmp_path / "out" / m["shards"][0]["file"]).read_bytes()
     g, h = read_gguf(tiny_llama), read_manifest_header(m, header)
@@ -57,6 +66,11 @@ def test_default_model_shards_fit_32_mib(model_path):
     (lambda m: m["shards"][1].update(file="../../etc/passwd"), "outside"),
     (lambda m: m["model"].update(size=1), "cover"),
     (lambda m: m.update(shards=[]), "no shards"),
+    (lambda m: m.update(piece_size=6), "piece_size must be a multiple of 4"),
+    (lambda m: m.update(piece_size=1024), "the sha256 of each of its"),    # the pieces no longer fit
+    (lambda m: m["shards"][1]["pieces"].pop(), "the sha256 of each of its"),
+    (lambda m: m["shards"][1]["pieces"].__setitem__(0, "00" * 31), "the sha256 of each of its"),
+    (lambda m: m.pop("piece_size"), "lists pieces but the manifest has no piece_size"),
 ])
 def test_bad_manifests_are_named(tmp_path, tiny_llama, change, match):
     m = pack(tiny_llama, tmp_path / "out")
