@@ -27,7 +27,8 @@ CACHE = os.path.join(ROOT, "build", ".cache")
 PYODIDE = "314.0.7"
 PYODIDE_FILES = ("pyodide.mjs", "pyodide.asm.mjs", "pyodide.asm.wasm", "python_stdlib.zip", "pyodide-lock.json")
 WHEELS = {"jinja2": "3.1.6", "micropip": "0.11.1"}
-# SHA-256 over a shard a piece at a time as it streams (WebCrypto hashes whole buffers only)
+# SHA-256 a piece at a time over the shards of manifests without piece hashes (WebCrypto hashes
+# whole buffers only)
 HASH_WASM = "4.13.0"
 MARKUPSAFE = "3.0.3"
 # where packaged models go in the site; other GGUFs go under their file name

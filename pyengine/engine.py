@@ -18,7 +18,8 @@ from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError,
 from .gguf import GGUFFile, read_gguf
 from .gpu import Binding, open_backend
 from .graph import GraphBuilder, ScratchPool
-from .kernels import BLOCK_VALUES, KERNEL_QTYPES, TOPK, TOPK_CHUNK, UNIFORM_BYTES, Kernels, packed_nbytes
+from .kernels import (BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TOPK, TOPK_CHUNK, UNIFORM_BYTES, Kernels,
+                      packed_nbytes)
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
 from . import tuning as autotune
@@ -28,7 +29,6 @@ from .weights import staging_bytes, upload_weight
 MAX_CHUNK = 512          # tokens per prefill plan replay
 MIN_BUCKET = 16
 DEFAULT_CONTEXT = 2048
-RESULT_WORDS = 4 + 2 * TOPK
 ANSWER_ROOM = 256        # tokens truncation="auto" leaves for the answer when max_tokens is not given
 
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from .gpu import Binding, Dispatch, split_workgroups
-from .kernels import REPACKED_QTYPES, STORAGE_ALIGN, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES
+from .kernels import REPACKED_QTYPES, RESULT_WORDS, STORAGE_ALIGN, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES
 
 F32 = 4
 
@@ -397,7 +397,7 @@ class GraphBuilder:
         per = TOPK_MERGE                  # records merged by one workgroup
         while lists > 1:
             groups = -(-lists // per)
-            records = Binding(s.topk[src], 0, 4 * (4 + 2 * TOPK) * lists)   # their number is its length
+            records = Binding(s.topk[src], 0, 4 * RESULT_WORDS * lists)   # their number is its length
             self._dispatch("topk", {"stage": "merge", "topk": TOPK}, {},
                            {0: records, 4: s.topk[1 - src]}, (groups, 1, 1), "topk merge")
             src = 1 - src

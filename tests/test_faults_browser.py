@@ -25,6 +25,16 @@ QUESTION = "What is the capital of France?"
 SHA256_JS = """
 const sha256Hex = async (bytes) => Array.from(new Uint8Array(await crypto.subtle.digest("SHA-256", bytes)),
                                               (b) => b.toString(16).padStart(2, "0")).join("");
+// a store's load that reads every shard in order, as the upload does: each shard's sha256
+const loadHashes = async (store) => {
+  const hashes = [];
+  await store.load(() => {}, async () => {
+    for (let i = 0; i < store.manifest.shards.length; i++) {
+      hashes.push(await sha256Hex(await (await store.shardBlob(i)).arrayBuffer()));
+    }
+  });
+  return hashes;
+};
 """
 # most faults are the same whatever the model: the tiny one loads in a moment
 TINY_ASK_JS = """async (q) => {
@@ -602,14 +612,10 @@ def test_a_body_that_stops_half_way_is_given_up_and_fetched_again(fine_page):
         return new Response(body, { status: 200 });
       };
       const store = await ShardStore.open(model, { fetchImpl, stallMs: 1000, backoffMs: 10 });
-      const hashes = [];
-      const load = store.load(() => {}, async () => {
-        for (let i = 0; i < store.manifest.shards.length; i++) {
-          hashes.push(await sha256Hex(await (await store.shardBlob(i)).arrayBuffer()));
-        }
-      });
+      const load = loadHashes(store);
       const late = new Promise((ok) => setTimeout(() => ok("still waiting after 20 s"), 20000));
-      if ((await Promise.race([load, late])) === "still waiting after 20 s") return { hashes: "stalled" };
+      const hashes = await Promise.race([load, late]);
+      if (hashes === "still waiting after 20 s") return { hashes: "stalled" };
       return { hashes, calls: Object.entries(calls).filter(([u, n]) => n > 1).map(([u, n]) => [u.split("/").pop(), n]) };
     }""", model)
     assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
@@ -638,12 +644,7 @@ def test_a_changed_byte_in_one_piece_is_caught_and_the_shard_fetched_again(fine_
     r = page.evaluate(SHA256_JS + CORRUPT_FETCH_JS + """async ([model, pieceBytes]) => {
       const { ShardStore } = await import("/web/shards.js");
       const store = await ShardStore.open(model, { fetchImpl: corruptOnce(), backoffMs: 10, pieceBytes });
-      const hashes = [];
-      await store.load(() => {}, async () => {
-        for (let i = 0; i < store.manifest.shards.length; i++) {
-          hashes.push(await sha256Hex(await (await store.shardBlob(i)).arrayBuffer()));
-        }
-      });
+      const hashes = await loadHashes(store);
       return { hashes, requests: store.requests, checking: store.checking };
     }""", [model, 1024 if checking == "pieces" else 4096])
     assert r["checking"] == checking
@@ -679,12 +680,7 @@ def test_a_manifest_without_piece_hashes_is_checked_shard_by_shard(fine_page):
     r = page.evaluate(SHA256_JS + CORRUPT_FETCH_JS + """async ([model, older]) => {
       const { ShardStore } = await import("/web/shards.js");
       const store = new ShardStore(model, older, { fetchImpl: corruptOnce(), backoffMs: 10 });
-      const hashes = [];
-      await store.load(() => {}, async () => {
-        for (let i = 0; i < store.manifest.shards.length; i++) {
-          hashes.push(await sha256Hex(await (await store.shardBlob(i)).arrayBuffer()));
-        }
-      });
+      const hashes = await loadHashes(store);
       return { hashes, requests: store.requests, checking: store.checking };
     }""", [model, older])
     assert r["checking"] == "whole"
