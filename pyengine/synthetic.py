@@ -109,7 +109,8 @@ def write_synthetic(path: str, name: str = "llama-1b", shape: dict | None = None
         sizes.append((qtype, n, nbytes))
         offset += -(-nbytes // 32) * 32
     head = header + b"".join(infos)
-    tmp = path + ".part"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.part"
     with open(tmp, "wb") as f:
         f.write(head + bytes(-len(head) % 32))
         for qtype, n, nbytes in sizes:

@@ -16,7 +16,9 @@ SMALL = dict(layers=2, dim=256, ffn=512, heads=4, kv_heads=2, head_dim=64, vocab
 
 
 def test_a_synthetic_model_is_a_gguf_the_engine_runs(tmp_path, backend):
-    path = write_synthetic(str(tmp_path / "s.gguf"), "small", SMALL)
+    # into a folder that does not exist yet (the cache folder of a fresh machine)
+    path = write_synthetic(str(tmp_path / "cache" / "pyengine" / "s.gguf"), "small", SMALL)
+    assert sorted(p.name for p in (tmp_path / "cache" / "pyengine").iterdir()) == ["s.gguf", "s.gguf.done"]
     r = GGUFReader(path)
     names = {t.name: t for t in r.tensors}
     assert len(names) == 2 + 9 * 2 and names["blk.1.ffn_down.weight"].tensor_type.name == "Q4_0"
