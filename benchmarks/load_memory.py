@@ -14,6 +14,15 @@ engine's own footprint" speaks of the shard phase's peak less `footprint`, in sh
 model's largest size. --timeline prints every run's samples. The browser runs with V8's gc()
 exposed, which the benchmark alone calls.
 Build a site for another model first (`python build/build.py --model FILE --out DIR`).
+
+--breakdown adds one more cold load traced by Chromium's memory-infra (an allocator dump of every
+process every 100 ms) and prints, for the renderer the page and its worker live in, each allocator's
+highest value during the shard phase and its value at the end of the load: `partition_alloc/buffer`
+holds the bytes of Blobs built in the page until the browser process has taken them (downloaded
+pieces on their way to IndexedDB), `partition_alloc/array_buffer` the ArrayBuffers (the loader's
+piece buffers), `shared_memory` what the page shares with other processes (WebGPU's command and
+upload staging among it), `v8` and `blink_gc` the JavaScript heaps. WebAssembly memory (Pyodide's
+heap) is none of them: it is part of the footprint.
 """
 
 from __future__ import annotations
@@ -78,12 +87,57 @@ async def one_run(browser, url: str, manifest: str) -> dict:
             "footprint": samples[-1][1], "samples": samples}
 
 
+BREAKDOWN = {"Blob bytes (partition_alloc/buffer)": "partition_alloc/partitions/buffer",
+             "ArrayBuffers (partition_alloc/array_buffer)": "partition_alloc/partitions/array_buffer",
+             "shared memory": "shared_memory", "malloc": "malloc", "V8 heaps": "v8", "Blink GC heap": "blink_gc"}
+
+
+async def breakdown(browser, url: str, manifest: str) -> dict:
+    """One cold load under memory-infra tracing: the renderer's allocators, MB, highest in the shard
+    phase and at the end."""
+    cdp = await browser.new_browser_cdp_session()
+    events, complete = [], asyncio.Event()
+    cdp.on("Tracing.dataCollected", lambda e: events.extend(e["value"]))
+    cdp.on("Tracing.tracingComplete", lambda e: complete.set())
+    page = await (await browser.new_context()).new_page()
+    await page.goto(url + "headless.html")
+    await cdp.send("Tracing.start", {"transferMode": "ReportEvents", "traceConfig": {
+        "includedCategories": ["disabled-by-default-memory-infra"],
+        "memoryDumpConfig": {"triggers": [{"mode": "light", "periodic_interval_ms": 100}]}}})
+    r = await page.evaluate(LOAD_JS, manifest)
+    await cdp.send("Tracing.end")
+    await complete.wait()
+    await page.context.close()
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    dumps = [e for e in events if e.get("ph") == "v" and "allocators" in e["args"].get("dumps", {})]
+    if not dumps:
+        raise SystemExit("the trace holds no allocator dumps: this Chromium does not trace memory-infra")
+
+    def size(dump, key):
+        a = dump["args"]["dumps"]["allocators"].get(key)
+        return int(a["attrs"]["size"]["value"], 16) / 1e6 if a and "size" in a.get("attrs", {}) else 0.0
+    # the page's renderer: the one whose ArrayBuffers and Blob bytes grow the most
+    renderers = {e["pid"] for e in dumps if names.get(e["pid"]) == "Renderer"}
+    pid = max(renderers, key=lambda p: max(size(e, BREAKDOWN["Blob bytes (partition_alloc/buffer)"])
+                                           + size(e, BREAKDOWN["ArrayBuffers (partition_alloc/array_buffer)"])
+                                           for e in dumps if e["pid"] == p))
+    mine = sorted((e for e in dumps if e["pid"] == pid), key=lambda e: e["ts"])
+    t0 = mine[0]["ts"]
+    first, last = r["shards"]
+    # trace time is microseconds on the same clock for every process; the load starts near the first dump
+    phase = [e for e in mine if first - 0.2 <= (e["ts"] - t0) / 1e6 <= last + 0.2] or mine
+    return {name: {"shard_phase_max_mb": round(max(size(e, key) for e in phase), 1),
+                   "end_mb": round(size(mine[-1], key), 1)} for name, key in BREAKDOWN.items()}
+
+
 async def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dist", help="the built site (default: ./dist)")
     ap.add_argument("--model", help="a model of the site's index (default: its default)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeline", action="store_true", help="print each run's samples")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="one more cold load, traced: the renderer's memory by allocator (see above)")
     a = ap.parse_args()
     from playwright.async_api import async_playwright
 
@@ -101,6 +155,7 @@ async def main():
             browser = await launch(p, extra_args=["--js-flags=--expose-gc"])
             for _ in range(a.runs):
                 runs.append(await one_run(browser, url, url + "models/" + rel))
+            parts = await breakdown(browser, url, url + "models/" + rel) if a.breakdown else None
             await browser.close()
     finally:
         httpd.shutdown()
@@ -118,6 +173,7 @@ async def main():
         "footprint_mb": round(med["footprint"] / 1e6, 1),
         "shard_phase_over_footprint_in_shards": round(statistics.median(
             (r["shards"] - r["footprint"]) / shard for r in runs), 2),
+        **({"renderer_allocators": parts} if parts is not None else {}),
     }, indent=2))
 
 
