@@ -116,10 +116,10 @@ async def breakdown(browser, url: str, manifest: str) -> dict:
     def size(dump, key):
         a = dump["args"]["dumps"]["allocators"].get(key)
         return int(a["attrs"]["size"]["value"], 16) / 1e6 if a and "size" in a.get("attrs", {}) else 0.0
-    # the page's renderer: the one whose ArrayBuffers and Blob bytes grow the most
+    # the page's renderer: the one whose ArrayBuffers and Blob bytes reach the highest
     renderers = {e["pid"] for e in dumps if names.get(e["pid"]) == "Renderer"}
-    pid = max(renderers, key=lambda p: max(size(e, BREAKDOWN["Blob bytes (partition_alloc/buffer)"])
-                                           + size(e, BREAKDOWN["ArrayBuffers (partition_alloc/array_buffer)"])
+    pid = max(renderers, key=lambda p: max(size(e, "partition_alloc/partitions/buffer")
+                                           + size(e, "partition_alloc/partitions/array_buffer")
                                            for e in dumps if e["pid"] == p))
     mine = sorted((e for e in dumps if e["pid"] == pid), key=lambda e: e["ts"])
     t0 = mine[0]["ts"]
