@@ -4,6 +4,7 @@ a lost GPU, and model output that tries to become HTML."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -91,7 +92,7 @@ def test_shard_corrupted_inside_indexeddb_is_fetched_again(browser, site, tiny_e
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "short", "long", "http500", "stall"])
-def test_a_bad_shard_response_is_retried(browser, site, tiny_expected, fault):
+def test_a_bad_shard_response_is_retried(browser, site, fault):
     _, url = site
     ctx, page = open_page(browser, url)
     hits = {"n": 0}
@@ -115,10 +116,16 @@ def test_a_bad_shard_response_is_retried(browser, site, tiny_expected, fault):
         # "stall": never answer; the store gives up after stallMs and tries again
 
     page.route(SHARD, handler)
-    page.evaluate(LOAD_WITH_JS, [tiny_url(url), {"stallMs": 3000 if fault == "stall" else 60000,
-                                                 "backoffMs": 100}])
-    assert hits["n"] == 2
-    assert page.evaluate(TINY_ASK_JS, QUESTION) == tiny_expected
+    # the store as the engine's worker opens it (no fetches of its own: the browser downloads into Blobs)
+    r = page.evaluate(SHA256_JS + """async ([model, stallMs]) => {
+      const { ShardStore } = await import("/web/shards.js");
+      const store = await ShardStore.open(model, { stallMs, backoffMs: 100 });
+      return { hashes: await loadHashes(store), viaXHR: store.viaXHR, stored: [...await store.storedIndices()] };
+    }""", [tiny_url(url), 3000 if fault == "stall" else 60000])
+    with open(f"{site[0]}/models/tiny/manifest.json") as f:
+        shards = json.load(f)["shards"]
+    assert hits["n"] == 2 and r["viaXHR"] is True
+    assert r["hashes"] == [s["sha256"] for s in shards] and sorted(r["stored"]) == list(range(len(shards)))
     ctx.close()
 
 
@@ -620,6 +627,100 @@ def test_a_body_that_stops_half_way_is_given_up_and_fetched_again(fine_page):
     }""", model)
     assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
     assert r["calls"] == [["shard-00003.bin", 2]]
+
+
+@pytest.fixture(scope="module")
+def slow_server(site):
+    """A server of the tiny model whose first answer for shard-00001.bin misbehaves as the first part of
+    the path says: /trickle/ sends it in 8 parts 0.4 s apart, /stall/ sends half of it and then nothing,
+    /endless/ sends it without a length and goes on sending. Its log: [(path, status)]. CORS-enabled:
+    the page that loads from it is on the site's origin."""
+    import http.server
+    import threading
+    import time
+
+    folder = os.path.join(site[0], "models", "tiny")
+    log, seen = [], set()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            _, mode, name = self.path.split("/", 2)
+            with open(os.path.join(folder, name), "rb") as f:
+                body = f.read()
+            first = name == "shard-00001.bin" and (mode, name) not in seen
+            seen.add((mode, name))
+            log.append((self.path, mode if first else "plain"))
+            self.send_response(200)
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Cache-Control", "no-store")
+            if first and mode == "endless":
+                self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    for _ in range(10000):
+                        self.wfile.write(body)
+                        self.wfile.flush()
+                        time.sleep(0.01)
+                except OSError:            # the page gave up on it
+                    pass
+                return
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                if first and mode == "trickle":
+                    step = -(-len(body) // 8)
+                    for at in range(0, len(body), step):
+                        self.wfile.write(body[at:at + step])
+                        self.wfile.flush()
+                        time.sleep(0.4)
+                elif first and mode == "stall":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    time.sleep(8)
+                else:
+                    self.wfile.write(body)
+            except OSError:
+                pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/", log
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["trickle", "stall", "endless"])
+def test_the_browser_downloads_shards_into_blobs_and_tells_slow_from_stalled(browser, site, slow_server, mode):
+    # Without fetches of its own the store has the browser download each shard into its Blob (no byte
+    # passes through the page) and tells what goes wrong from progress events alone: a shard that
+    # arrives slowly, each part well inside stallMs though the whole takes longer, is not given up;
+    # one that stops half way, and one longer than the manifest says, are, and fetched again.
+    base, log = slow_server
+    ctx, page = open_page(browser, site[1])
+    r = page.evaluate(SHA256_JS + """async (model) => {
+      const { ShardStore } = await import("/web/shards.js");
+      const store = await ShardStore.open(model, { stallMs: 1500, backoffMs: 10 });
+      const t0 = performance.now();
+      const hashes = await loadHashes(store);
+      return { hashes, viaXHR: store.viaXHR, requests: store.requests, seconds: (performance.now() - t0) / 1000 };
+    }""", f"{base}{mode}/manifest.json")
+    with open(os.path.join(site[0], "models", "tiny", "manifest.json")) as f:
+        manifest = json.load(f)
+    shards = len(manifest["shards"])
+    assert r["viaXHR"] is True
+    assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]
+    firsts = [p for p, how in log if how == mode]
+    assert firsts == [f"/{mode}/shard-00001.bin"], log
+    if mode == "trickle":
+        assert r["requests"] == shards and r["seconds"] > 2.8         # it waited for the slow one
+    else:
+        assert r["requests"] == shards + 1 and r["seconds"] < 8        # given up on, not waited out
+    ctx.close()
 
 
 # shard 3 of the finely cut model with one byte changed in its third piece (of 1 KiB), on its first request

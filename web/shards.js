@@ -1,6 +1,7 @@
 // Where the download cache lives: model shards in IndexedDB (each a Blob), each verified by
-// sha256 before it is stored and again before its bytes go to the GPU. Shard bytes stream through
-// a few small buffers, hashed a piece at a time: a shard is whole only inside its Blob. Where the
+// sha256 before it is stored and again before its bytes go to the GPU. The browser downloads each
+// shard into a Blob itself; the page reads shard bytes through a few small buffers, hashed a piece
+// at a time: a shard is whole only inside its Blob. Where the
 // manifest lists each piece's sha256, WebCrypto checks the pieces (beside the page's thread, 3.6x
 // faster than WebAssembly here); otherwise hash-wasm's SHA-256 takes the shard's pieces one after
 // the other (WebCrypto hashes whole buffers only).
@@ -283,6 +284,42 @@ class SequentialReader {
   }
 }
 
+// Shard bytes downloaded by the browser itself into a Blob: an XMLHttpRequest whose responseType is
+// "blob" has Chromium write the body into its blob storage as it arrives, so no byte of it passes
+// through the page's memory (pieces streamed through the page and turned into Blobs there held up to
+// 2.6 shards of Blob bytes in the page while loading a 1B model, until the browser took them).
+// Progress events tell a stall (no byte for stallMs) and a body longer than the manifest says.
+function downloadBlob(url, size, stallMs) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    let timer = null;
+    let over = false;
+    const end = (e) => {
+      if (over) return;
+      over = true;
+      clearTimeout(timer);
+      if (e) { xhr.abort(); reject(e); } else resolve(xhr.response);
+    };
+    const wait = () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => end(new Error(`no data for ${stallMs / 1000} s`)), stallMs);
+    };
+    const tooLong = () => new Error(`got more than ${size} bytes, expected ${size}`);
+    xhr.open("GET", url);
+    xhr.responseType = "blob";
+    xhr.onprogress = (e) => (e.loaded > size ? end(tooLong()) : wait());
+    xhr.onerror = () => end(new Error("the request failed (network error or connection lost)"));
+    xhr.onabort = () => end(new Error("the request was aborted"));
+    xhr.onload = () => {
+      if (xhr.status < 200 || xhr.status > 299) return end(new Error(`HTTP ${xhr.status}`));
+      const n = xhr.response.size;
+      end(n > size ? tooLong() : n < size ? new Error(`got ${n} bytes, expected ${size}`) : null);
+    };
+    wait();
+    xhr.send();
+  });
+}
+
 const hex = (digest) => Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
 
 // The check of one shard's bytes as they stream, piece after piece: update(piece) with each (the
@@ -416,6 +453,10 @@ export class ShardStore {
     this.backoffMs = backoffMs;
     this.stallMs = stallMs;
     this.fetch = fetchImpl || ((...a) => fetch(...a));
+    // the browser downloads each shard into its Blob (see downloadBlob) unless fetches are given (tests
+    // that shape responses) or there is no XMLHttpRequest (a service worker): then the pieces stream
+    // through the page into the check and into Blob parts
+    this.viaXHR = !fetchImpl && typeof XMLHttpRequest === "function";
     this.current = null;               // {index, blob}: the verified shard the upload reads
     this.ahead = null;                 // {index, blob: a promise}: the next stored shard, being checked
     this.requests = 0;
@@ -598,11 +639,16 @@ export class ShardStore {
     throw new Error(`shard ${s.file} could not be downloaded after ${this.attempts} attempts: ${last && last.message}`);
   }
 
-  // Shard i's body ({blob, matches}: whether it matches the manifest), exactly its size in bytes
-  // streamed a piece at a time into the check and into Blob parts, failing when no byte arrives for
-  // stallMs (a stalled connection never ends by itself) or when the body is not that long.
+  // Shard i's body ({blob, matches}: whether it matches the manifest), exactly its size in bytes,
+  // failing when no byte arrives for stallMs (a stalled connection never ends by itself) or when the
+  // body is not that long: downloaded into a Blob by the browser, or streamed a piece at a time
+  // into the check and into Blob parts.
   async _download(url, i) {
     const s = this.manifest.shards[i];
+    if (this.viaXHR) {
+      const blob = await downloadBlob(url, s.size, this.stallMs);
+      return { blob, matches: await this._matches(i, blob) };     // its bytes read back for the check
+    }
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), this.stallMs);    // until the response starts
     try {
@@ -638,12 +684,17 @@ export class ShardStore {
     const blob = data instanceof Blob ? data : data instanceof ArrayBuffer ? new Blob([data]) : null;
     if (!blob || blob.size !== s.size) return null;
     try {
-      const check = await this._check(i);
-      await streamPieces(blob.stream(), s.size, this.buffers, this.stallMs, (piece) => { check.update(piece); });
-      return await check.matches() ? blob : null;
+      return await this._matches(i, blob) ? blob : null;
     } catch (e) {
       return null;        // unreadable: fetched again
     }
+  }
+
+  // Whether the bytes of Blob `blob` are shard i's, read through the piece buffers.
+  async _matches(i, blob) {
+    const check = await this._check(i);
+    await streamPieces(blob.stream(), this.manifest.shards[i].size, this.buffers, this.stallMs, (piece) => { check.update(piece); });
+    return check.matches();
   }
 
   // Shard i as a Blob whose bytes match the manifest: the one just downloaded, else the stored one
