@@ -18,8 +18,8 @@ Build a site for another model first (`python build/build.py --model FILE --out 
 --breakdown adds one more cold load traced by Chromium's memory-infra (an allocator dump of every
 process every 100 ms) and prints, for the renderer the page and its worker live in, each allocator's
 highest value during the shard phase and its value at the end of the load: `partition_alloc/buffer`
-holds the bytes of Blobs built in the page until the browser process has taken them (downloaded
-pieces on their way to IndexedDB), `partition_alloc/array_buffer` the ArrayBuffers (the loader's
+holds the bytes of Blobs built in the page until the browser process has taken them (no shard's:
+the browser downloads those into Blobs itself), `partition_alloc/array_buffer` the ArrayBuffers (the loader's
 piece buffers), `shared_memory` what the page shares with other processes (WebGPU's command and
 upload staging among it), `v8` and `blink_gc` the JavaScript heaps. WebAssembly memory (Pyodide's
 heap) is none of them: it is part of the footprint.
