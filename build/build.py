@@ -186,6 +186,12 @@ def main(argv=None):
     with open(os.path.join(tmp, "models", "index.json"), "w") as f:
         # relative to this index file
         json.dump({"default": index[names[0]], "models": index}, f, indent=1)
+    # what the site was built from: `pyengine bench --backend browser` and the like say when it is not
+    # the checkout's current code
+    from pyengine.headless import SOURCES, SOURCES_RECORD, sources_digest
+
+    with open(os.path.join(tmp, SOURCES_RECORD), "w") as f:
+        json.dump({"sha256": sources_digest(ROOT), "of": list(SOURCES)}, f)
     shutil.rmtree(a.out, ignore_errors=True)
     os.replace(tmp, a.out)
     print(a.out)

@@ -152,9 +152,10 @@ async def cmd_serve(a):
     from .headless import dist_dir
     from .serve import make_server
 
-    httpd = make_server(dist_dir(a.dist), port=a.port, isolate=a.isolate, log_requests=a.verbose)
+    site = dist_dir(a.dist)
+    httpd = make_server(site, port=a.port, isolate=a.isolate, log_requests=a.verbose)
     host, port = httpd.server_address[:2]
-    print(f"serving {dist_dir(a.dist)} at http://{host}:{port}/", flush=True)
+    print(f"serving {site} at http://{host}:{port}/", flush=True)
     try:
         await asyncio.get_running_loop().run_in_executor(None, httpd.serve_forever)
     finally:

@@ -5,10 +5,18 @@ WebGPU runs on SwiftShader there when the machine has no GPU.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import sys
 
 from .errors import PyEngineError
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what a built site is made from in a checkout; build/build.py records their digest in the site
+SOURCES = ("pyengine", "shaders", "web", "static")
+SOURCES_RECORD = "sources.json"
 
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -25,10 +33,51 @@ def chromium_path() -> str:
     raise PyEngineError("no Chromium found: install it (Debian: apt-get install chromium) or set PYENGINE_CHROMIUM")
 
 
+def sources_digest(root: str = CHECKOUT) -> str | None:
+    """sha256 over the files of SOURCES under root (a checkout), names and contents; None where root
+    is no checkout (an installed package has no web/ beside it)."""
+    if not os.path.isdir(os.path.join(root, "web")):
+        return None
+    h = hashlib.sha256()
+    for top in SOURCES:
+        for folder, subs, files in os.walk(os.path.join(root, top)):
+            subs[:] = sorted(d for d in subs if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(".pyc"):
+                    continue
+                p = os.path.join(folder, name)
+                with open(p, "rb") as f:
+                    h.update(os.path.relpath(p, root).replace(os.sep, "/").encode() + b"\0"
+                             + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def stale_reason(site: str, root: str = CHECKOUT) -> str | None:
+    """Why the built site may not run the checkout's current code (None where it does, or where there is
+    no checkout to compare with): it records no sources, or other ones."""
+    now = sources_digest(root)
+    if now is None:
+        return None
+    try:
+        with open(os.path.join(site, SOURCES_RECORD)) as f:
+            built = json.load(f).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return f"{site} records no digest of the sources it was built from"
+    if built != now:
+        return f"{site} was built from other sources than {root} holds now ({', '.join(SOURCES)})"
+    return None
+
+
 def dist_dir(path: str | None = None) -> str:
+    """The built site to use; says on stderr when it may be older than the checkout's code (a benchmark
+    would measure, and a page would run, that older code)."""
     d = path or os.environ.get("PYENGINE_DIST") or os.path.join(os.getcwd(), "dist")
     if not os.path.isfile(os.path.join(d, "index.html")):
         raise PyEngineError(f"no built site in {d}: run `python build/build.py` first (or pass --dist)")
+    why = stale_reason(d)
+    if why:
+        print(f"pyengine: warning: {why}: rebuild it (`python build/build.py`, or --build for `pyengine bench`) "
+              "to run the current code", file=sys.stderr, flush=True)
     return d
 
 

@@ -121,3 +121,41 @@ def test_serve_refuses_a_folder_without_a_site(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "no built site" in res.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_a_site_built_from_other_sources_than_the_checkout_is_named(tmp_path, capsys):
+    # a browser benchmark against a site built before a change would measure the older code: the site
+    # records the digest of what it was built from, and using one that differs says so
+    import shutil
+
+    from pyengine.headless import CHECKOUT, SOURCES, SOURCES_RECORD, dist_dir, sources_digest
+
+    root = tmp_path / "checkout"
+    for top in SOURCES:
+        shutil.copytree(os.path.join(CHECKOUT, top), root / top, ignore=shutil.ignore_patterns("__pycache__"))
+    now = sources_digest(str(root))
+    assert now == sources_digest(CHECKOUT) and len(now) == 64
+    (root / "pyengine" / "__pycache__").mkdir(exist_ok=True)
+    (root / "pyengine" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"compiled")
+    assert sources_digest(str(root)) == now                       # compiled files are no source
+    shard_js = root / "web" / "shards.js"
+    shard_js.write_bytes(shard_js.read_bytes() + b"\n")
+    assert sources_digest(str(root)) != now                       # one byte more in one file
+    assert sources_digest(str(tmp_path / "nowhere")) is None      # no checkout: nothing to compare
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<!doctype html>")
+    dist_dir(str(site))
+    assert "records no digest" in capsys.readouterr().err
+    (site / SOURCES_RECORD).write_text(json.dumps({"sha256": "0" * 64}))
+    dist_dir(str(site))
+    assert "was built from other sources" in capsys.readouterr().err
+    (site / SOURCES_RECORD).write_text(json.dumps({"sha256": sources_digest()}))
+    assert dist_dir(str(site)) == str(site) and capsys.readouterr().err == ""
+
+
+def test_the_build_records_what_it_was_built_from(site):
+    from pyengine.headless import stale_reason
+
+    assert stale_reason(site[0]) is None
