@@ -103,8 +103,7 @@ def check_manifest(m) -> dict:
     if m.get("version") != VERSION:
         raise ManifestError(f"manifest version {m.get('version')!r} is not supported; this engine reads {VERSION}")
     model = m.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("size"), int) or \
-            not isinstance(model.get("sha256"), str) or len(model["sha256"]) != 64:
+    if not isinstance(model, dict) or not isinstance(model.get("size"), int) or not _is_hex64(model.get("sha256")):
         raise ManifestError("the manifest's model entry needs an integer size and a sha256")
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards:
@@ -120,6 +119,8 @@ def check_manifest(m) -> dict:
         for key, kind in (("file", str), ("offset", int), ("size", int), ("sha256", str)):
             if not isinstance(s.get(key), kind) or isinstance(s.get(key), bool):
                 raise ManifestError(f"shard {i} needs a {kind.__name__} '{key}'")
+        if not _is_hex64(s["sha256"]):
+            raise ManifestError(f"shard {i} needs a sha256 (64 lowercase hex digits)")
         if s["offset"] != pos or not 0 < s["size"] <= MAX_SHARD:
             raise ManifestError(f"shard {i} does not continue the byte ranges (offset {s['offset']}, "
                                 f"size {s['size']}; expected offset {pos}, size up to {MAX_SHARD})")

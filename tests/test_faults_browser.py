@@ -49,6 +49,11 @@ def tiny_url(url):
     return url + "models/tiny/manifest.json"
 
 
+def tiny_manifest(site):
+    with open(f"{site[0]}/models/tiny/manifest.json") as f:
+        return json.load(f)
+
+
 def shard_requests(page):
     return [u for u in page.requests if SHARD.search(u)]
 
@@ -122,8 +127,7 @@ def test_a_bad_shard_response_is_retried(browser, site, fault):
       const store = await ShardStore.open(model, { stallMs, backoffMs: 100 });
       return { hashes: await loadHashes(store), viaXHR: store.viaXHR, stored: [...await store.storedIndices()] };
     }""", [tiny_url(url), 3000 if fault == "stall" else 60000])
-    with open(f"{site[0]}/models/tiny/manifest.json") as f:
-        shards = json.load(f)["shards"]
+    shards = tiny_manifest(site)["shards"]
     assert hits["n"] == 2 and r["viaXHR"] is True
     assert r["hashes"] == [s["sha256"] for s in shards] and sorted(r["stored"]) == list(range(len(shards)))
     ctx.close()
@@ -166,7 +170,7 @@ def test_storage_refusal_is_a_clear_error_and_records_nothing(browser, site):
       IDBObjectStore.prototype.put = put;
       return { message, refused, stored: [...(await store.storedIndices())] };
     }""", tiny_url(url))
-    size = json.load(open(f"{site[0]}/models/tiny/manifest.json"))["model"]["size"]
+    size = tiny_manifest(site)["model"]["size"]
     assert r["message"] and "QuotaExceededError" in r["message"] and f"{size / 1e6:.1f} MB" in r["message"]
     assert r["refused"] is not None and r["refused"] not in r["stored"]     # the refused shard was not recorded
     ctx.close()
@@ -195,8 +199,7 @@ def test_two_tabs_download_each_shard_once(browser, site):
         }); }""", tiny_url(url))
     got = [p.evaluate("() => window.loading") for p in pages]
     fetched = shard_requests(pages[0]) + shard_requests(pages[1])
-    with open(f"{site[0]}/models/tiny/manifest.json") as f:
-        want = [s["sha256"] for s in json.load(f)["shards"]]
+    want = [s["sha256"] for s in tiny_manifest(site)["shards"]]
     assert len(want) > 3 and len(fetched) == len(want) and len(set(fetched)) == len(want)
     assert sorted(r["requests"] for r in got) == [0, len(want)]
     assert all(r["hashes"] == want for r in got)
@@ -600,8 +603,7 @@ def test_a_shard_stored_as_an_array_buffer_is_still_read(browser, site):
       return { hashes: await loadHashes(again), requests: again.requests, refetched: again.refetched || 0,
                kinds: [...new Set(recs.map((rec) => rec.data.constructor.name))] };
     }""", tiny_url(url))
-    with open(f"{site[0]}/models/tiny/manifest.json") as f:
-        want = [s["sha256"] for s in json.load(f)["shards"]]
+    want = [s["sha256"] for s in tiny_manifest(site)["shards"]]
     assert r["kinds"] == ["ArrayBuffer"]
     assert r["hashes"] == want and r["requests"] == 0 and r["refetched"] == 0
     ctx.close()
@@ -642,7 +644,8 @@ def test_a_body_that_stops_half_way_is_given_up_and_fetched_again(fine_page):
 def slow_server(site):
     """A server of the tiny model whose first answer for shard-00001.bin misbehaves as the first part of
     the path says: /trickle/ sends it in 8 parts 0.4 s apart, /stall/ sends half of it and then nothing,
-    /endless/ sends it without a length and goes on sending. Its log: [(path, status)]. CORS-enabled:
+    /endless/ sends it without a length and goes on sending. Its log: [(path, the mode it was answered
+    in, or "plain")]. CORS-enabled:
     the page that loads from it is on the site's origin."""
     import http.server
     import threading
@@ -718,8 +721,7 @@ def test_the_browser_downloads_shards_into_blobs_and_tells_slow_from_stalled(bro
       const hashes = await loadHashes(store);
       return { hashes, viaXHR: store.viaXHR, requests: store.requests, seconds: (performance.now() - t0) / 1000 };
     }""", f"{base}{mode}/manifest.json")
-    with open(os.path.join(site[0], "models", "tiny", "manifest.json")) as f:
-        manifest = json.load(f)
+    manifest = tiny_manifest(site)
     shards = len(manifest["shards"])
     assert r["viaXHR"] is True
     assert r["hashes"] == [s["sha256"] for s in manifest["shards"]]

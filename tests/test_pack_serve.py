@@ -66,6 +66,8 @@ def test_default_model_shards_fit_32_mib(model_path):
     (lambda m: m["shards"][1].update(file="../../etc/passwd"), "outside"),
     (lambda m: m["model"].update(size=1), "cover"),
     (lambda m: m.update(shards=[]), "no shards"),
+    (lambda m: m["shards"][1].update(sha256="Z" * 64), "needs a sha256"),
+    (lambda m: m["model"].update(sha256="0" * 63), "model entry needs an integer size and a sha256"),
     (lambda m: m.update(piece_size=6), "piece_size must be a multiple of 4"),
     (lambda m: m.update(piece_size=1024), "the sha256 of each of its"),    # the pieces no longer fit
     (lambda m: m["shards"][1]["pieces"].pop(), "the sha256 of each of its"),
