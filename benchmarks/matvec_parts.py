@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
 from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes  # noqa: E402
-from pyengine.tuning import MATMUL_XSHARE, every_variant, subgroup_size  # noqa: E402
+from pyengine.tuning import MATMUL_XSHARE, SUBGROUP_SPACE, every_variant, subgroup_size  # noqa: E402
 
 REPEAT = 20
 
@@ -59,11 +59,13 @@ def no_weight_loads(code):
 
 
 def no_scale_loads(code):
-    return re.sub(r"W_words\[[^\]]*\]", "blk", code)
+    word = re.search(r"var<storage, read> W_words: array<(.+?)>;", code).group(1)
+    return re.sub(r"W_words\[[^\]]*\]", f"{word}(b)", code)
 
 
 def no_activation_loads(code):
-    return re.sub(r"let (x[0-7]) = x\[[^\]]*\];", r"let \1 = vec4<f32>(f32(c), 1.0, 2.0, 3.0);", code)
+    code = re.sub(r"let (x[0-7]) = x\[[^\]]*\];", r"let \1 = vec4<f32>(f32(c), 1.0, 2.0, 3.0);", code)
+    return re.sub(r"\bx\[c( \+ 4u)? \+ sl\]", "vec4<f32>(f32(c), f32(sl), 1.0, 2.0)", code)     # shared by lanes
 
 
 def no_unpacking(code):
@@ -199,8 +201,12 @@ async def main():
         if a.variants:
             return await time_matmul_shapes(be, k, w, x, consts, fixed, a)
     else:
-        variant = dict(VARIANTS["matvec"])
-        code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=True, act="silu", **variant)
+        # the variant the tuner prefers where this adapter's subgroups allow it (shared activations)
+        lanes = await subgroup_size(be, k)
+        shared = SUBGROUP_SPACE["matvec"].get(8 if lanes >= 8 else 4) if lanes >= 4 else None
+        variant = {**VARIANTS["matvec"], **(shared[0] if shared else {})}
+        code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=not variant["xshare"],
+                        act="silu", **variant)
         x = be.create_buffer(UNIFORM_BYTES, "activations")
         y = be.create_buffer(a.rows * 4, "out")
         groups = (-(-a.rows // (variant["wg"] * variant["rows"])), 1, 1)
