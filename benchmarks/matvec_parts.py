@@ -153,7 +153,7 @@ async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     plans = {}
     for rows, t, wg in PREFILL_SHAPES:
         v = {**MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
-        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, **v),
+        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, **v),
                                   consts, "mat-mat")
         groups = (-(-a.rows // (wg * rows)), -(-PREFILL_TOKENS // t), 1)
         binds = {**fixed, 0: Binding(w), 1: Binding(x), 6: Binding(w)}
@@ -189,7 +189,7 @@ async def main():
     if a.prefill:
         variant = dict(MATMUL_XSHARE)
         tokens = PREFILL_TOKENS
-        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, unpack=False, **variant)
+        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, **variant)
         x = be.create_buffer(tokens * a.cols * 4, "activations")
         y = be.create_buffer(tokens * a.rows * 4, "out")
         step = be.create_buffer(256, "step")

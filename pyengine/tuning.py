@@ -30,17 +30,18 @@ from .gpu import Binding, Dispatch
 from .graph import GraphBuilder
 
 SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "wg": 32}]}
-# with subgroups: activations shared by broadcasts. Subgroups of 4 lanes (SwiftShader) also want the 4-bit
-# values through unpack4x8unorm (2.2x faster there); 8 lanes or more (lavapipe, GPUs) want them by shifts
-# (unpack4x8unorm is 1.5-2.3x slower on lavapipe, where shared activations beat the uniform window by
-# 3-20% depending on the shape, and a block's activations loaded by 8 lanes, one load each, 7-8% more:
-# benchmarks/matvec_parts.py --variants)
-SUBGROUP_SPACE = {"matvec": {4: [{"rows": 4, "wg": 16, "xshare": True, "unpack": True},
-                                 {"rows": 2, "wg": 32, "xshare": True, "unpack": True}],
-                             8: [{"rows": 4, "wg": 32, "xshare": True, "unpack": False, "xl": 8}]}}
+# with subgroups: activations shared by broadcasts, 4 lanes (SwiftShader) each loading a quarter of a block's
+# activations, 8 lanes or more (lavapipe, GPUs) an eighth (shared activations beat the uniform window by 3-20%
+# on lavapipe depending on the shape, 8 lanes 7-8% more than 4). Rows an invocation: SwiftShader wants 8-12
+# (1.5-2.3x its 4-row shape), lavapipe 4-8 (8: up to 10% faster at 8192x2048):
+# benchmarks/matvec_parts.py --variants
+SUBGROUP_SPACE = {"matvec": {4: [{"rows": 8, "wg": 16, "xshare": True},
+                                 {"rows": 12, "wg": 16, "xshare": True}],
+                             8: [{"rows": 4, "wg": 32, "xshare": True, "xl": 8},
+                                 {"rows": 8, "wg": 16, "xshare": True, "xl": 8}]}}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 6, "t": 10, "xl": 8}
-MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "unpack": True, "tmax": 16}
+MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 # CPU adapters: decode attention splits a head's keys over 8 invocations, not 32: fewer wait at its
 # barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token);
 # and a workgroup takes up to 4 query heads of one kv head, loading each key and value once for them
@@ -48,7 +49,7 @@ MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "unpack": True, "tmax"
 # shapes 7.0 -> 4.1 ms)
 ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
 ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
-VERSION = 6      # a change to the kernels or the space makes older measurements stale
+VERSION = 7      # a change to the kernels or the space makes older measurements stale
 
 
 def space(lanes: int) -> list[dict]:

@@ -127,13 +127,13 @@ def test_a_cached_choice_keeps_its_mat_vec_and_takes_the_prefill_kernels_by_toda
 
 
 def test_the_variants_timed_follow_the_subgroup_size():
-    """4-lane subgroups (SwiftShader) time the shared mat-vecs that unpack by unpack4x8unorm, 8 lanes or
-    more (lavapipe, GPUs) the ones that unpack by shifts, and no subgroups none that share."""
+    """4-lane subgroups (SwiftShader) time the shared mat-vecs whose activations 4 lanes load, 8 lanes or
+    more (lavapipe, GPUs) the ones 8 lanes load, and no subgroups none that share."""
     def shared(lanes):
         return [v for v in tuning.space(lanes) if v.get("xshare")]
 
     assert shared(0) == [] and shared(2) == []
-    assert shared(4) and all(v["unpack"] for v in shared(4))
-    assert shared(8) and shared(32) == shared(8) and not any(v["unpack"] for v in shared(8))
+    assert shared(4) and all(v.get("xl", 4) == 4 for v in shared(4))
+    assert shared(8) and shared(32) == shared(8) and all(v["xl"] == 8 for v in shared(8))
     assert all(v in tuning.every_variant(8) for v in shared(4) + shared(8))
     assert not any(v in tuning.every_variant(4) for v in shared(8))     # those load with 8 lanes
