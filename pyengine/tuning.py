@@ -12,9 +12,9 @@ The prefill mat-mat and attention are chosen by rule, not timed. On CPU adapters
 activations it reads for itself, so the kernels share them: where subgroups hold at least 8 lanes
 (lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there; 6 rows by 10 tokens an
 invocation: each broadcast value serves 6 rows, each dequantized weight 10 tokens, 1.7x the prefill of
-one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); elsewhere (SwiftShader,
-4 lanes, where broadcasts lose) the tiled kernel with 6 rows an invocation over tiles of 16 tokens
-(4 rows: 2.2x its one-row shape there; 6 rows: 12% more prefill again). GPUs keep the one-row
+one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); where they hold 4 (SwiftShader)
+by broadcasts from 4 lanes, 8 rows by 8 tokens an invocation (SmolLM2's 128-token prefill 9.1 -> 3.8 s
+there against the tiled kernel, which stays for CPU adapters without subgroups). GPUs keep the one-row
 tiled kernel. Prefill attention shares each key and value by broadcasts the same way where
 subgroups hold 8 lanes. Decode attention splits a head's keys over 8 invocations on CPU adapters
 and 32 on GPUs; on CPU adapters a workgroup computes the query heads of one kv head together.
@@ -41,6 +41,7 @@ SUBGROUP_SPACE = {"matvec": {4: [{"rows": 8, "wg": 16, "xshare": True},
                                  {"rows": 8, "wg": 16, "xshare": True, "xl": 8}]}}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 6, "t": 10, "xl": 8}
+MATMUL_XSHARE4 = {"wg": 16, "xshare": True, "rows": 8, "t": 8, "xl": 4}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 # CPU adapters: decode attention splits a head's keys over 8 invocations, not 32: fewer wait at its
 # barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token);
@@ -103,8 +104,11 @@ async def rule_choice(engine) -> dict:
     prefill shape and decode split (see the module's docstring)."""
     if not is_cpu(engine.backend):
         return {"matmul": {"xshare": False}}
-    if await subgroup_size(engine.backend, engine.kernels) >= 8:
+    lanes = await subgroup_size(engine.backend, engine.kernels)
+    if lanes >= 8:
         return {"matmul": dict(MATMUL_XSHARE), "attention": dict(ATTENTION_SHARE)}
+    if lanes >= 4:
+        return {"matmul": dict(MATMUL_XSHARE4), "attention": dict(ATTENTION_CPU)}
     return {"matmul": dict(MATMUL_CPU_TILED), "attention": dict(ATTENTION_CPU)}
 
 

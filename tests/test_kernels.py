@@ -189,6 +189,7 @@ def test_rmsnorm_per_head_and_into_the_residual(rig):
 
 # the mat-mats the tuner picks (GPUs, SwiftShader, lavapipe) and one more shape of the shared one
 MATMULS = {"tiled": {"xshare": False}, "tiled-cpu": tuning.MATMUL_CPU_TILED, "xshare": tuning.MATMUL_XSHARE,
+           "xshare-4-lanes": tuning.MATMUL_XSHARE4,
            "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "t": 3, "wg": 32},
            "xshare-1x8": {**tuning.MATMUL_XSHARE, "rows": 1, "t": 8, "wg": 64}}
 
@@ -199,16 +200,25 @@ def matvec_variants(rig):
 
 
 def runnable_matmuls(rig):
-    """The mat-mats of MATMULS this adapter runs (the shared ones need 8-lane subgroups)."""
+    """The mat-mats of MATMULS this adapter runs (the shared ones need subgroups of as many lanes as share)."""
     size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
-    return [v for v in MATMULS.values() if size >= 8 or not v.get("xshare")]
+    return [v for v in MATMULS.values() if size >= lanes_needed(v)]
+
+
+def lanes_needed(variant) -> int:
+    """The subgroup lanes a variant shares values over: `xl` lanes for the shared mat-vecs and mat-mats (4
+    where not given), 8 for the shared attention, none for the rest."""
+    if variant.get("xshare"):
+        return variant.get("xl", 4)
+    return 8 if variant.get("share") else 0
 
 
 def use_variant(rig, op, variant):
-    """Runs `op` with `variant`; one that shares values over 8-lane subgroups only where they exist."""
+    """Runs `op` with `variant`; one that shares values over subgroup lanes only where subgroups hold as many."""
     size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
-    if (variant.get("xshare") or variant.get("share")) and size < 8:      # SwiftShader: 4 lanes
-        pytest.skip(f"subgroups of {size} lanes: the {op} that shares values by broadcasts is never chosen there")
+    if size < lanes_needed(variant):      # SwiftShader: 4 lanes
+        pytest.skip(f"subgroups of {size} lanes: the {op} that shares values over {lanes_needed(variant)} "
+                    "is never chosen there")
     rig.k.tuning = {op: variant}
 
 
@@ -317,12 +327,13 @@ def test_rmsnorm_read_by_the_next_mat_vecs(rig, qtype):
         rig.k.tuning = {}
 
 
-def test_shared_matmul_is_one_dispatch_over_every_token(rig):
-    """The shared mat-mat reads every token's activations from storage in one dispatch, whatever K
-    (8192 columns: 32 KB a token) and however the tokens and rows fall against its tiles of T tokens
+@pytest.mark.parametrize("variant", ["xshare", "xshare-4-lanes"])
+def test_shared_matmul_is_one_dispatch_over_every_token(rig, variant):
+    """The shared mat-mats read every token's activations from storage in one dispatch, whatever K
+    (8192 columns: 32 KB a token) and however the tokens and rows fall against their tiles of T tokens
     and R rows an invocation."""
-    use_variant(rig, "matmul", tuning.MATMUL_XSHARE)
-    t, r = tuning.MATMUL_XSHARE["t"], tuning.MATMUL_XSHARE["rows"]
+    use_variant(rig, "matmul", MATMULS[variant])
+    t, r = MATMULS[variant]["t"], MATMULS[variant]["rows"]
     for k, m, m_cap, n in ((576, 53, 64, 40), (1536, t + 1, 24, r * 16 + 1), (8192, 9, 16, 3)):
         w, wv = rig.weight(rig.rng.standard_normal((n, k)), "Q4_0")
         x = np.zeros((m_cap, k))
