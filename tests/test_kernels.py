@@ -187,7 +187,8 @@ def test_rmsnorm_per_head_and_into_the_residual(rig):
     close(rig.read(r, m * heads * d).reshape(m, -1), res + x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * w2)
 
 
-# the mat-mats the tuner picks (GPUs, SwiftShader, lavapipe) and one more shape of the shared one
+# the mat-mats chosen by rule (GPUs, CPU adapters without subgroups, lavapipe, SwiftShader) and more shapes of
+# the shared one
 MATMULS = {"tiled": {"xshare": False}, "tiled-cpu": tuning.MATMUL_CPU_TILED, "xshare": tuning.MATMUL_XSHARE,
            "xshare-4-lanes": tuning.MATMUL_XSHARE4,
            "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "t": 3, "wg": 32},
