@@ -16,7 +16,7 @@ one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); where the
 by broadcasts from 4 lanes, 8 rows by 8 tokens an invocation (SmolLM2's 128-token prefill 9.1 -> 3.8 s
 there against the tiled kernel, which stays for CPU adapters without subgroups). GPUs keep the one-row
 tiled kernel. Prefill attention shares each key and value by broadcasts the same way where
-subgroups hold 8 lanes. Decode attention splits a head's keys over 8 invocations on CPU adapters
+subgroups hold 8 lanes or 4 (SwiftShader's 128-token prefill 4.68 -> 3.96 s). Decode attention splits a head's keys over 8 invocations on CPU adapters
 and 32 on GPUs; on CPU adapters a workgroup computes the query heads of one kv head together.
 """
 
@@ -50,6 +50,7 @@ MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 # shapes 7.0 -> 4.1 ms)
 ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
 ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
+ATTENTION_SHARE4 = {**ATTENTION_SHARE, "xl": 4}
 VERSION = 7      # a change to the kernels or the space makes older measurements stale
 
 
@@ -108,7 +109,7 @@ async def rule_choice(engine) -> dict:
     if lanes >= 8:
         return {"matmul": dict(MATMUL_XSHARE), "attention": dict(ATTENTION_SHARE)}
     if lanes >= 4:
-        return {"matmul": dict(MATMUL_XSHARE4), "attention": dict(ATTENTION_CPU)}
+        return {"matmul": dict(MATMUL_XSHARE4), "attention": dict(ATTENTION_SHARE4)}
     return {"matmul": dict(MATMUL_CPU_TILED), "attention": dict(ATTENTION_CPU)}
 
 

@@ -207,11 +207,11 @@ def runnable_matmuls(rig):
 
 
 def lanes_needed(variant) -> int:
-    """The subgroup lanes a variant shares values over: `xl` lanes for the shared mat-vecs and mat-mats (4
-    where not given), 8 for the shared attention, none for the rest."""
+    """The subgroup lanes a variant shares values over: `xl` lanes (for the shared mat-vecs 4 where not
+    given, for the shared attention 8), none for the rest."""
     if variant.get("xshare"):
         return variant.get("xl", 4)
-    return 8 if variant.get("share") else 0
+    return variant.get("xl", 8) if variant.get("share") else 0
 
 
 def use_variant(rig, op, variant):
@@ -427,6 +427,7 @@ def attention_np(q, keys, vals, group, window=0):
 
 # prefill attention: an invocation per (token, head) loading its keys, or keys shared by broadcasts
 ATTENTIONS = {"plain": {"wg": 64, "share": False}, "cpu": tuning.ATTENTION_CPU, "share": tuning.ATTENTION_SHARE,
+              "share-4-lanes": tuning.ATTENTION_SHARE4,
               "cpu-2-heads": {**tuning.ATTENTION_CPU, "decode_group": 2}}
 
 
