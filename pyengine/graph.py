@@ -355,18 +355,30 @@ class GraphBuilder:
                        {"NH": n_heads, "NKV": n_kv_heads, "HD": head_dim, "N_ROT": n_rot, "BASE": base,
                         "ATTN_FACTOR": attn_factor, "POS_SCALE": pos_scale}, binds, -(-work // 64), f"rope_kv {layer}")
 
+    def rope_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, n_heads: int, n_kv_heads: int,
+                       head_dim: int, n_rot: int, base: float, mode: str = "norm",
+                       freq_factors: Weight | None = None, attn_factor: float = 1.0, pos_scale: float = 1.0,
+                       scale: float | None = None, window: int = 0) -> Tensor:
+        """RoPE on q and k, k and v into the layer's cache, then attention (see rope_kv and attention).
+        For one token, where a workgroup of the decode attention holds every query head of its kv head,
+        the attention does the RoPE and the cache write itself: a dispatch a layer fewer."""
+        rope = {"k": k, "v": v, "n_rot": n_rot, "base": base, "mode": mode, "freq_factors": freq_factors,
+                "attn_factor": attn_factor, "pos_scale": pos_scale}
+        return self.attention(q, layer, n_heads, n_kv_heads, head_dim, scale, window, rope=rope)
+
     def attention(self, q: Tensor, layer: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                  scale: float | None = None, window: int = 0) -> Tensor:
-        """Causal attention over the layer's cache; with `window`, each query sees its last `window` keys."""
+                  scale: float | None = None, window: int = 0, rope: dict | None = None) -> Tensor:
+        """Causal attention over the layer's cache; with `window`, each query sees its last `window` keys.
+        With `rope` (rope_attention's), q and the step's k and v are rotated and cached first."""
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
         params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
         split, group = params.pop("decode_split"), params.pop("decode_group")
+        per_kv = n_heads // n_kv_heads
         if q.rows == 1:      # decode: each head's keys split over a workgroup
             split = min(split, 2048 // head_dim)
             # query heads of one kv head a workgroup, each key and value loaded once for them all: as
             # many as asked that divide the heads a kv head serves, within 8 KB of partial outputs
-            per_kv = n_heads // n_kv_heads
             most = max(1, min(group, 2048 // (head_dim * split)))
             group = max(g for g in range(1, min(most, per_kv) + 1) if per_kv % g == 0)
             params.update(split=split, group=group, share=False)
@@ -376,12 +388,24 @@ class GraphBuilder:
             groups = -(-q.rows * n_heads // params["wg"])
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}
+        binds = {0: q.bind(), 1: cache.k[layer], 2: cache.v[layer], 3: out.bind(), 4: self._step()}
+        if rope is not None:
+            if q.rows == 1 and params["group"] == per_kv:     # each kv head's k and v written by one workgroup
+                ff = rope["freq_factors"]
+                params.update(rope=True, rope_mode=rope["mode"], freq_factors=ff is not None)
+                consts.update({"N_ROT": rope["n_rot"], "BASE": rope["base"], "ATTN_FACTOR": rope["attn_factor"],
+                               "POS_SCALE": rope["pos_scale"]})
+                binds.update({5: rope["k"].bind(), 6: rope["v"].bind()})
+                if ff is not None:
+                    binds[7] = ff.buffer
+            else:
+                self.rope_kv(q, rope["k"], rope["v"], layer, n_heads, n_kv_heads, head_dim, rope["n_rot"],
+                             rope["base"], rope["mode"], rope["freq_factors"], rope["attn_factor"],
+                             rope["pos_scale"])
         if params.get("share") and q.rows > 1:        # a workgroup per (head, block of tokens)
             consts["BLOCKS"] = -(-q.rows // params["wg"])
             groups = n_heads * consts["BLOCKS"]
-        self._dispatch("attention", params, consts,
-                       {0: q.bind(), 1: cache.k[layer], 2: cache.v[layer], 3: out.bind(), 4: self._step()},
-                       groups, f"attention {layer}")
+        self._dispatch("attention", params, consts, binds, groups, f"attention {layer}")
         return out
 
     def logits(self, x: Tensor, head: Weight) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ggufs import write_tiny_llama
+from pyengine import tuning
 from pyengine.engine import Engine
 from pyengine.sampling import SamplingParams
 from reference import Reference
@@ -64,6 +65,18 @@ def test_greedy_continuation_matches_the_reference(model):
     engine.reset()
     asyncio.run(go())
     assert gen.tokens == ref.greedy(ids, 16), name
+
+
+def test_decode_folds_rope_into_attention_where_a_workgroup_holds_a_kv_head(model):
+    """On CPU adapters a decode attention workgroup takes up to 4 query heads of one kv head (within 8 KB
+    of partial outputs): where that is all of them it rotates q and k and writes the cache itself; Gemma 3
+    here has 4 heads of 128 dimensions on its one kv head, 2 a workgroup, so RoPE keeps its dispatch."""
+    name, engine, _ = model
+    families = [d.family for d in engine.decode_plan.dispatches]
+    layers = engine.args.n_layers
+    assert families.count("attention") == layers
+    folded = name != "gemma3" if tuning.is_cpu(engine.backend) else False
+    assert families.count("rope") == (0 if folded else layers), (name, families)
 
 
 def test_prefill_in_chunks_equals_one_plan(model, backend):

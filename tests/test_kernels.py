@@ -74,6 +74,7 @@ class Rig:
     def run(self, fn, m_cap: int):
         g = GraphBuilder(self.k, self.state, m_cap)
         out = fn(g)
+        self.families = [d.family for d in g.dispatches]     # what the last run dispatched
         self.be.submit(self.be.create_plan(g.dispatches))
         return out
 
@@ -431,15 +432,23 @@ ATTENTIONS = {"plain": {"wg": 64, "share": False}, "cpu": tuning.ATTENTION_CPU, 
               "cpu-2-heads": {**tuning.ATTENTION_CPU, "decode_group": 2}}
 
 
+# "separate": RoPE's own dispatch, then attention; "folded": rope_attention, which folds RoPE and the cache
+# write into decode attention where a workgroup holds every query head of its kv head (3 of them here, or 1)
+HOW = {"separate": 2, "folded": 2, "folded-mha": 6}      # kv heads of the 6 query heads
+
+
+@pytest.mark.parametrize("how", HOW)
 @pytest.mark.parametrize("variant", ATTENTIONS)
 @pytest.mark.parametrize("kv_f16", [False, True])
 @pytest.mark.parametrize("mode,n_rot,window,factors,hd", [("norm", 32, 0, False, 32), ("neox", 32, 0, False, 32),
                                                            ("neox", 16, 0, False, 48), ("neox", 32, 24, True, 32),
                                                            ("norm", 32, 50, True, 48)])
-def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd, variant):
+def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd, variant, how):
     if kv_f16 and "shader-f16" not in backend.features:
         pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
-    nh, nkv, base = 6, 2, 10000.0
+    nh, nkv, base = 6, HOW[how], 10000.0
+    # folded in decode where the variant's workgroup takes every query head of a kv head
+    folds = how != "separate" and ATTENTIONS[variant].get("decode_group", 1) >= nh // nkv
     rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
     use_variant(rig, "attention", ATTENTIONS[variant])
     rng = np.random.default_rng(3)
@@ -456,11 +465,15 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd
             rig.tensor(np.resize(v, (m_cap, nkv * hd)))
 
         def build(g):
-            g.rope_kv(qt, kt, vt, 0, nh, nkv, hd, n_rot, base, mode,
-                      freq_factors=rig.vector(ff) if factors else None, attn_factor=attn_factor)
+            freqs = rig.vector(ff) if factors else None
+            if how != "separate":
+                return g.rope_attention(qt, kt, vt, 0, nh, nkv, hd, n_rot, base, mode, freq_factors=freqs,
+                                        attn_factor=attn_factor, window=window)
+            g.rope_kv(qt, kt, vt, 0, nh, nkv, hd, n_rot, base, mode, freq_factors=freqs, attn_factor=attn_factor)
             return g.attention(qt, 0, nh, nkv, hd, window=window)
 
         out = rig.run(build, m_cap)
+        assert ("rope" not in rig.families) == (folds and n == 1), rig.families
         got = rig.read(out, n * nh * hd).reshape(n, nh, hd)
         for i in range(n):
             pos = pos0 + i

@@ -31,10 +31,9 @@ class Attention:
         q = g.rms_norm(q, self.q_norm, a.norm_eps, heads=a.n_heads)
         k = g.rms_norm(k, self.k_norm, a.norm_eps, heads=a.n_kv_heads)
         base, scale = (a.rope_base_local, 1.0) if self.local else (a.rope_base, a.rope_scale)
-        g.rope_kv(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims, base, "neox",
-                  pos_scale=scale)
-        out = g.attention(q, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, scale=a.attn_scale,
-                          window=a.sliding_window if self.local else 0)
+        out = g.rope_attention(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims, base,
+                               "neox", pos_scale=scale, scale=a.attn_scale,
+                               window=a.sliding_window if self.local else 0)
         return g.linear(out, self.wo)
 
 

@@ -28,9 +28,8 @@ class Attention:
         if self.q_norm is not None:
             q = g.rms_norm(q, self.q_norm, a.norm_eps, heads=a.n_heads)
             k = g.rms_norm(k, self.k_norm, a.norm_eps, heads=a.n_kv_heads)
-        g.rope_kv(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims, a.rope_base,
-                  a.rope_mode, freq_factors=self.freqs, pos_scale=a.rope_scale)
-        out = g.attention(q, self.layer, a.n_heads, a.n_kv_heads, a.head_dim)
+        out = g.rope_attention(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims,
+                               a.rope_base, a.rope_mode, freq_factors=self.freqs, pos_scale=a.rope_scale)
         g.linear(out, self.wo, accumulate=residual)
 
 

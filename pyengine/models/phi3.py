@@ -19,9 +19,9 @@ class Phi3Attention(Attention):
     def __call__(self, g, x, residual):
         a = self.args
         q, k, v = g.linears(x, [self.wq, self.wk, self.wv])
-        g.rope_kv(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims, a.rope_base,
-                  a.rope_mode, freq_factors=self.freqs, attn_factor=a.rope_attn_factor)
-        g.linear(g.attention(q, self.layer, a.n_heads, a.n_kv_heads, a.head_dim), self.wo, accumulate=residual)
+        out = g.rope_attention(q, k, v, self.layer, a.n_heads, a.n_kv_heads, a.head_dim, a.rope_dims,
+                               a.rope_base, a.rope_mode, freq_factors=self.freqs, attn_factor=a.rope_attn_factor)
+        g.linear(out, self.wo, accumulate=residual)
 
 
 class Phi3(Llama):
