@@ -90,7 +90,7 @@ class State:
             self.logits = buf(4 * vocab, "logits")
             self.processed = buf(4 * vocab, "processed logits")
             self.counts = buf(4 * vocab, "token counts")
-            self.sparams = buf(16, "sampling params")
+            self.sparams = buf(32, "sampling params")
             n_lists = -(-vocab // TOPK_CHUNK)
             self.topk = [buf(4 * RESULT_WORDS * n_lists, f"top-k {i}") for i in range(2)]
         except BaseException:
@@ -462,9 +462,10 @@ class Engine:
     @staticmethod
     def _parse_result(raw: bytes, vocab: int):
         mx, z, bound = struct.unpack_from("<3f", raw, 0)
-        pairs = struct.unpack_from(f"<{2 * TOPK}I", raw, 16)
-        values = struct.unpack_from(f"<{2 * TOPK}f", raw, 16)
-        cands = [(values[2 * i], pairs[2 * i + 1]) for i in range(TOPK) if pairs[2 * i + 1] < vocab]
+        n = min(struct.unpack_from("<I", raw, 12)[0], TOPK)       # the candidates the record holds
+        pairs = struct.unpack_from(f"<{2 * n}I", raw, 16)
+        values = struct.unpack_from(f"<{2 * n}f", raw, 16)
+        cands = [(values[2 * i], pairs[2 * i + 1]) for i in range(n) if pairs[2 * i + 1] < vocab]
         return Candidates(cands, mx, z, bound)
 
     async def _prefill(self, tokens: list[int], gen: Generation | None = None):
@@ -507,9 +508,11 @@ class Engine:
 
     def _write_sparams(self, p: SamplingParams):
         inv_t = 1.0 if p.greedy else 1.0 / p.temperature
-        vals = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, inv_t)
+        # greedy decoding takes the best candidate alone: the top-k kernels then merge one a list
+        want = 1 if p.greedy else TOPK
+        vals = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, inv_t, float(want))
         if vals != self._sparams_written:
-            self.backend.write_buffer(self.state.sparams, 0, struct.pack("<4f", *vals))
+            self.backend.write_buffer(self.state.sparams, 0, struct.pack("<5f", *vals))
             self._sparams_written = vals
 
     # -- public API ---------------------------------------------------------------

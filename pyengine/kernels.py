@@ -26,7 +26,7 @@ GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32
 TOPK = 64           # candidates read back per token
 TOPK_CHUNK = 1024   # logits per workgroup in the first top-k pass
 TOPK_MERGE = 16     # records per workgroup in the later passes
-RESULT_WORDS = 4 + 2 * TOPK   # a top-k record: [max, sum, bound, 0, TOPK x (value, index)]
+RESULT_WORDS = 4 + 2 * TOPK   # a top-k record: [max, sum, bound, n, TOPK x (value, index)], n of them set
 
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {

@@ -500,7 +500,8 @@ def topk_np(logits, counts, rep, presence, frequency, inv_t):
 
 @pytest.mark.parametrize("vocab", [300, 5000, 49152, 262144])
 @pytest.mark.parametrize("ties", [False, True])
-def test_logits_processing_and_top_k(backend, vocab, ties):
+@pytest.mark.parametrize("want", [TOPK, 1])     # sampling's candidates, or greedy decoding's one
+def test_logits_processing_and_top_k(backend, vocab, ties, want):
     rig = Rig(backend, vocab=vocab)
     rng = np.random.default_rng(vocab)
     logits = rng.standard_normal(vocab).astype(np.float32) * 4
@@ -511,7 +512,7 @@ def test_logits_processing_and_top_k(backend, vocab, ties):
     sp = (1.3, 0.4, 0.2, 1 / 0.7)
     rig.be.write_buffer(rig.state.logits, 0, logits.tobytes())
     rig.be.write_buffer(rig.state.counts, 0, counts.tobytes())
-    rig.be.write_buffer(rig.state.sparams, 0, struct.pack("<4f", *sp))
+    rig.be.write_buffer(rig.state.sparams, 0, struct.pack("<5f", *sp, want))
     head = Weight("head", "F32", vocab, 8, None, 0)
 
     def build(g):
@@ -529,7 +530,8 @@ def test_logits_processing_and_top_k(backend, vocab, ties):
     np.testing.assert_allclose(rig.read(rig.state.processed, vocab), proc, rtol=1e-6)
     assert mx == proc.max()
     np.testing.assert_allclose(z, np.exp(proc.astype(np.float64) - proc.max()).sum(), rtol=1e-4)
-    n = min(TOPK, vocab)
+    assert res[3] == want
+    n = min(want, vocab)
     valid = idx[:n] < vocab
     np.testing.assert_array_equal(vals[:n][valid], proc[idx[:n][valid]])
     # the candidates above the bound are exactly the head of the sorted vocabulary ...
@@ -540,8 +542,9 @@ def test_logits_processing_and_top_k(backend, vocab, ties):
     left_out = np.setdiff1d(np.arange(vocab), idx[:n])
     if len(left_out):
         assert proc[left_out].max() <= bound
+    assert idx[0] == order[0]   # the argmax, the lower index among equals
     if vocab >= 5000 and not ties:
-        assert exact == TOPK   # with a real vocabulary the whole list is exact
+        assert exact == want   # with a real vocabulary the whole list is exact
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q6_K", "Q4_K", "F16"])
