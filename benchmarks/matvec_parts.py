@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
 from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes  # noqa: E402
-from pyengine.tuning import MATMUL_XSHARE, SUBGROUP_SPACE, every_variant, subgroup_size  # noqa: E402
+from pyengine.tuning import MATMUL_XSHARE, every_variant, space, subgroup_size  # noqa: E402
 
 REPEAT = 20
 
@@ -202,8 +202,7 @@ async def main():
             return await time_matmul_shapes(be, k, w, x, consts, fixed, a)
     else:
         # the variant the tuner prefers where this adapter's subgroups allow it (shared activations)
-        lanes = await subgroup_size(be, k)
-        shared = SUBGROUP_SPACE["matvec"].get(8 if lanes >= 8 else 4) if lanes >= 4 else None
+        shared = [v for v in space(await subgroup_size(be, k)) if v.get("xshare")]
         variant = {**VARIANTS["matvec"], **(shared[0] if shared else {})}
         code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=not variant["xshare"],
                         act="silu", **variant)

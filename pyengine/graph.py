@@ -350,10 +350,17 @@ class GraphBuilder:
         binds = {0: q.bind(), 1: k.bind(), 2: v.bind(), 3: cache.k[layer], 4: cache.v[layer], 5: self._step()}
         if freq_factors is not None:
             binds[6] = freq_factors.buffer
-        self._dispatch("rope", {"rope_mode": mode, "kv_f16": cache.f16, "f16": cache.f16,
-                                "freq_factors": freq_factors is not None},
-                       {"NH": n_heads, "NKV": n_kv_heads, "HD": head_dim, "N_ROT": n_rot, "BASE": base,
-                        "ATTN_FACTOR": attn_factor, "POS_SCALE": pos_scale}, binds, -(-work // 64), f"rope_kv {layer}")
+        params, consts = self._rope(n_rot, base, mode, freq_factors, attn_factor, pos_scale)
+        self._dispatch("rope", {**params, "kv_f16": cache.f16, "f16": cache.f16},
+                       {**consts, "NH": n_heads, "NKV": n_kv_heads, "HD": head_dim}, binds, -(-work // 64),
+                       f"rope_kv {layer}")
+
+    @staticmethod
+    def _rope(n_rot, base, mode, freq_factors, attn_factor, pos_scale) -> tuple[dict, dict]:
+        """RoPE's template parameters and constants (shaders/_rope.wgsl.j2), for its own kernel or decode
+        attention's."""
+        return ({"rope_mode": mode, "freq_factors": freq_factors is not None},
+                {"N_ROT": n_rot, "BASE": base, "ATTN_FACTOR": attn_factor, "POS_SCALE": pos_scale})
 
     def rope_attention(self, q: Tensor, k: Tensor, v: Tensor, layer: int, n_heads: int, n_kv_heads: int,
                        head_dim: int, n_rot: int, base: float, mode: str = "norm",
@@ -391,17 +398,14 @@ class GraphBuilder:
         binds = {0: q.bind(), 1: cache.k[layer], 2: cache.v[layer], 3: out.bind(), 4: self._step()}
         if rope is not None:
             if q.rows == 1 and params["group"] == per_kv:     # each kv head's k and v written by one workgroup
-                ff = rope["freq_factors"]
-                params.update(rope=True, rope_mode=rope["mode"], freq_factors=ff is not None)
-                consts.update({"N_ROT": rope["n_rot"], "BASE": rope["base"], "ATTN_FACTOR": rope["attn_factor"],
-                               "POS_SCALE": rope["pos_scale"]})
+                rp, rc = self._rope(**{n: a for n, a in rope.items() if n not in ("k", "v")})
+                params.update(rope=True, **rp)
+                consts.update(rc)
                 binds.update({5: rope["k"].bind(), 6: rope["v"].bind()})
-                if ff is not None:
-                    binds[7] = ff.buffer
+                if rope["freq_factors"] is not None:
+                    binds[7] = rope["freq_factors"].buffer
             else:
-                self.rope_kv(q, rope["k"], rope["v"], layer, n_heads, n_kv_heads, head_dim, rope["n_rot"],
-                             rope["base"], rope["mode"], rope["freq_factors"], rope["attn_factor"],
-                             rope["pos_scale"])
+                self.rope_kv(q, layer=layer, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, **rope)
         if params.get("share") and q.rows > 1:        # a workgroup per (head, block of tokens)
             consts["BLOCKS"] = -(-q.rows // params["wg"])
             groups = n_heads * consts["BLOCKS"]

@@ -16,8 +16,9 @@ one row by 8 tokens: benchmarks/matvec_parts.py --prefill --variants); where the
 by broadcasts from 4 lanes, 8 rows by 8 tokens an invocation (SmolLM2's 128-token prefill 9.1 -> 3.8 s
 there against the tiled kernel, which stays for CPU adapters without subgroups). GPUs keep the one-row
 tiled kernel. Prefill attention shares each key and value by broadcasts the same way where
-subgroups hold 8 lanes or 4 (SwiftShader's 128-token prefill 4.68 -> 3.96 s). Decode attention splits a head's keys over 8 invocations on CPU adapters
-and 32 on GPUs; on CPU adapters a workgroup computes the query heads of one kv head together.
+subgroups hold 8 lanes or 4 (SwiftShader's 128-token prefill 4.68 -> 3.96 s). Decode attention
+splits a head's keys over 8 invocations on CPU adapters and 32 on GPUs; on CPU adapters a workgroup
+computes the query heads of one kv head together.
 """
 
 from __future__ import annotations
