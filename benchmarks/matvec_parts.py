@@ -87,7 +87,7 @@ def mm_no_broadcasts(code):
 
 
 def mm_no_dequant(code):
-    return re.sub(r"let (w\d+) = dequant\([^;]*\);", r"var \1: array<vec4<f32>, 8>; for (var i = 0u; i < 8u; i++) "
+    return re.sub(r"let (\w*w\d+) = dequant\w*\([^;]*\);", r"var \1: array<vec4<f32>, 8>; for (var i = 0u; i < 8u; i++) "
                   r"{ \1[i] = vec4<f32>(f32(b), f32(j), f32(i), 1.0); }", code)
 
 
@@ -152,7 +152,7 @@ async def time_variants(be, k, w, nbytes, a):
 async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     plans = {}
     for rows, t, wg in PREFILL_SHAPES:
-        v = {**MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
+        v = {**VARIANTS["matmul"], **MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
         pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, **v),
                                   consts, "mat-mat")
         groups = (-(-a.rows // (wg * rows)), -(-PREFILL_TOKENS // t), 1)
@@ -187,7 +187,7 @@ async def main():
     plans = {}
     tokens = 1
     if a.prefill:
-        variant = dict(MATMUL_XSHARE)
+        variant = {**VARIANTS["matmul"], **MATMUL_XSHARE}
         tokens = PREFILL_TOKENS
         code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, **variant)
         x = be.create_buffer(tokens * a.cols * 4, "activations")
