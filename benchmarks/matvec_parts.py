@@ -9,7 +9,7 @@ run (lavapipe: tuning.MATMUL_XSHARE) over 128 tokens: as it runs, without the ac
 (values that differ from lane to lane instead, so that the arithmetic stays),
 without the subgroup broadcasts that share them, without the weights' dequantization, without both
 loads and dequantization. --prefill --variants times that mat-mat whole in several shapes (rows and
-tokens an invocation, invocations a workgroup), fastest first.
+tokens an invocation, invocations a workgroup), fastest first; with --glu, the gate-and-up mat-mat.
 
 --variants instead times every mat-vec variant the tuner may choose on this adapter (pyengine/tuning.py),
 whole, fastest first: what the first load on an adapter measures, at any shape. With --copies N the
@@ -100,8 +100,9 @@ PREFILL_PARTS = {"as it runs": None, "without activation loads": mm_no_activatio
                  "without loads, dequantization": mm_no_loads_or_dequant}
 PREFILL_TOKENS = 128
 # shapes of the shared mat-mat (rows and tokens an invocation, invocations a workgroup) --prefill --variants times
-PREFILL_SHAPES = [(1, 8, 64), (2, 8, 32), (4, 8, 16), (4, 12, 16), (4, 16, 16), (6, 8, 16), (6, 10, 16),
-                  (6, 12, 16), (6, 16, 16), (8, 8, 8), (8, 10, 8)]
+# (with --glu, rows of each of gate and up: the engine runs half the rows of the store shape there)
+PREFILL_SHAPES = [(1, 8, 64), (2, 6, 16), (2, 8, 16), (2, 8, 32), (2, 10, 16), (3, 10, 16), (4, 8, 16), (4, 12, 16),
+                  (4, 16, 16), (6, 8, 16), (6, 10, 16), (6, 12, 16), (6, 16, 16), (8, 8, 8), (8, 10, 8)]
 
 PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without scale loads": no_scale_loads,
          "without activation loads": no_activation_loads, "without 4-bit unpacking": no_unpacking,
@@ -153,16 +154,18 @@ async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     plans = {}
     for rows, t, wg in PREFILL_SHAPES:
         v = {**VARIANTS["matmul"], **MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
-        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, **v),
-                                  consts, "mat-mat")
+        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", epilogue="glu" if a.glu else "store",
+                                           act="silu", bias=False, **v), consts, "mat-mat")
         groups = (-(-a.rows // (wg * rows)), -(-PREFILL_TOKENS // t), 1)
         binds = {**fixed, 0: Binding(w), 1: Binding(x), 6: Binding(w)}
+        if a.glu:       # gate and up: the same weight twice
+            binds.update({4: Binding(w), 7: Binding(w)})
         plans[f"{rows} rows x {t} tokens, {wg} a workgroup"] = be.create_plan([Dispatch(pipe, binds, groups, "mm")] * REPEAT)
     times = await replay_times(be, plans, a.rounds)
     print(f"Q4_1 mat-mat of {PREFILL_TOKENS} tokens {a.rows}x{a.cols}, the shared kernel in each shape, "
           f"{be.adapter_info.get('device')} (the tuner's: {MATMUL_XSHARE['rows']} rows x {MATMUL_XSHARE['t']} tokens)")
     for name, ts in sorted(times.items(), key=lambda t: min(t[1])):
-        flop = 2 * a.rows * a.cols * PREFILL_TOKENS
+        flop = 2 * a.rows * a.cols * PREFILL_TOKENS * (2 if a.glu else 1)
         print(f"  median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   "
               f"{flop / min(ts) / 1e9:6.1f} GFLOP/s   {name}")
 
@@ -173,6 +176,8 @@ async def main():
     ap.add_argument("--cols", type=int, default=576)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--prefill", action="store_true", help="the prefill mat-mat instead (see above)")
+    ap.add_argument("--glu", action="store_true",
+                    help="with --prefill --variants: the gate-and-up mat-mat (the \"glu\" epilogue)")
     ap.add_argument("--variants", action="store_true",
                     help="every mat-vec variant the tuner may choose, whole (with --prefill: mat-mat shapes)")
     ap.add_argument("--copies", type=int, default=1,
