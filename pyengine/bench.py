@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import time
 
@@ -48,6 +49,25 @@ async def _time_plan(backend, plan, reps: int, buf=None) -> float:
         await once()
         times.append(time.perf_counter() - t0)
     return med(times)
+
+
+def host_info() -> dict:
+    """The machine the figures were taken on: on CPU adapters they hinge on its vector width (lavapipe
+    from Mesa 22.3 loads storage 5-10x slower on CPUs without AVX-512; see the README)."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    vector = next((v for v in ("avx512f", "avx2", "avx", "sse4_2") if v in flags), None)
+    return {"cpu": cpu, "cores": os.cpu_count(), "vector": vector}
 
 
 async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> dict:
@@ -136,6 +156,7 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
     out = {
         "model": str(model_path),
         "backend": "native",
+        "host": host_info(),
         "adapter": engine.backend.adapter_info,
         "kernel_variants": engine.tuning,
         "runs": runs,
@@ -313,6 +334,7 @@ async def run_browser_bench(model=None, runs=3, prompt_tokens=128, gen_tokens=12
                 "model": path,
                 "backend": "browser",
                 "browser": "headless Chromium",
+                "host": host_info(),
                 "adapter": info.get("adapter"),
                 "runs": runs,
                 "cold_load_s": round(med(cold), 3),

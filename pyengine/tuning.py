@@ -54,7 +54,7 @@ MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
 ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
 ATTENTION_SHARE4 = {**ATTENTION_SHARE, "xl": 4}
-VERSION = 7      # a change to the kernels or the space makes older measurements stale
+VERSION = 8      # a change to the kernels, the space or the key makes older measurements stale
 
 
 def space(lanes: int) -> list[dict]:
@@ -71,7 +71,9 @@ def every_variant(lanes: int) -> list[dict]:
 
 def adapter_key(backend) -> str:
     i = backend.adapter_info or {}
-    return f"v{VERSION}:{backend.name}:{i.get('vendor')}:{i.get('device') or i.get('description')}"
+    # the driver's release too: the same device under a newer driver compiles kernels differently
+    name = ":".join(str(i[k]) for k in ("device", "description") if i.get(k))
+    return f"v{VERSION}:{backend.name}:{i.get('vendor')}:{name}"
 
 
 def is_cpu(backend) -> bool:

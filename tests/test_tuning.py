@@ -57,6 +57,24 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
     second.close()
 
 
+def test_a_driver_update_is_measured_again():
+    """The same device under another driver release compiles kernels differently (lavapipe from Mesa 22.3
+    and 25 choose different mat-vecs): its measurements are its own."""
+    class Fake:
+        name = "native"
+
+        def __init__(self, **info):
+            self.adapter_info = info
+
+    old = Fake(vendor="llvmpipe", device="llvmpipe (LLVM 15.0.6, 256 bits)", description="Mesa 22.3.6")
+    new = Fake(vendor="llvmpipe", device="llvmpipe (LLVM 15.0.6, 256 bits)", description="Mesa 25.0.7")
+    assert tuning.adapter_key(old) != tuning.adapter_key(new)
+    assert "Mesa 25.0.7" in tuning.adapter_key(new) and "256 bits" in tuning.adapter_key(new)
+    # an adapter that names only one of the two (browsers often give no description) still has a key
+    assert tuning.adapter_key(Fake(vendor="google", device="", description="SwiftShader")) != \
+        tuning.adapter_key(Fake(vendor="google", device="", description=""))
+
+
 def test_a_model_of_another_shape_is_measured_for_itself(tiny_llama, backend, cache, monkeypatch):
     weight = type("W", (), {"qtype": "Q4_1", "rows": 1536, "cols": 576})
     other = tuning.choice_key(backend, weight)
