@@ -39,11 +39,14 @@ chat: setup
 	$(BIN)/pyengine chat
 
 # the whole suite on the system's adapter (lavapipe without a GPU), then every kernel again on SwiftShader,
-# the browser's CPU adapter, whose compiler differs (its Vulkan driver ships with Chromium)
+# the browser's CPU adapter, whose compiler differs (its Vulkan driver ships with Chromium). The kernel
+# tests mostly wait on the driver's shader compiler, one kernel after another: they run in a process
+# a core (pytest-xdist); the rest share one browser build and run in one.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --ignore=tests/test_kernels.py
+	$(BIN)/python -m pytest -q -n auto tests/test_kernels.py
 	@test -f $(SWIFTSHADER_ICD) || { echo "SwiftShader's Vulkan driver is missing ($(SWIFTSHADER_ICD)): install chromium" >&2; exit 1; }
-	VK_ICD_FILENAMES=$(SWIFTSHADER_ICD) $(BIN)/python -m pytest -q tests/test_kernels.py
+	VK_ICD_FILENAMES=$(SWIFTSHADER_ICD) $(BIN)/python -m pytest -q -n auto tests/test_kernels.py
 
 bench: setup
 	$(BIN)/pyengine bench
