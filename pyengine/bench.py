@@ -52,8 +52,8 @@ async def _time_plan(backend, plan, reps: int, buf=None) -> float:
 
 
 def host_info() -> dict:
-    """The machine the figures were taken on: on CPU adapters they hinge on its vector width (lavapipe
-    from Mesa 22.3 reads storage 1.1 GB/s on an AMD Zen 3 without AVX-512; see the README)."""
+    """The machine the figures were taken on: on CPU adapters they hinge on its vector width (README.md,
+    Benchmarks: lavapipe without AVX-512)."""
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:

@@ -15,11 +15,8 @@ have_chromium() {
 }
 
 # PYENGINE_LAVAPIPE=backports: on Debian 12, lavapipe from bookworm-backports (Mesa 25) instead of
-# Mesa 22.3. Without AVX-512, 22.3 builds a storage load lane by lane through the stack (a 4-byte store,
-# then a 32-byte reload that cannot be forwarded); on an AMD Zen 3 (AVX2) that makes SmolLM2 decode
-# 6.7 tok/s against 11.9 with Mesa 25, and prefill 33 against 71. Mesa 25 compiles kernels 2-3x slower
-# the first time, then keeps them in its disk cache. Not the default: the test suite compiles hundreds
-# of distinct kernels.
+# Mesa 22.3, which reads storage several times slower on CPUs without AVX-512 but compiles kernels faster
+# (README.md, Benchmarks).
 backports=()
 if [ "${PYENGINE_LAVAPIPE:-}" = backports ]; then
     if ! grep -qs '^VERSION_CODENAME=bookworm' /etc/os-release; then
