@@ -18,6 +18,7 @@ from .engine import Engine
 from .errors import PyEngineError
 from .gguf import read_gguf
 from .gpu import Binding, Dispatch, split_workgroups
+from .kernels import TEXTURE_WIDTH
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -74,21 +75,30 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
     """The read bandwidth a streaming kernel reaches on this adapter: the ceiling for decode, which
     reads every weight once per token."""
     size = min(mb << 20, backend.max_storage_binding, backend.max_buffer_size) // 256 * 256
+    shapes = [(1, "interleaved", False), (4, "interleaved", False), (4, "chunked", False)]
+    row = 16 * TEXTURE_WIDTH
+    if kernels.weight_textures:     # weights lie in textures: the same bytes read from one too (as mat-vecs do)
+        size = min(size, backend.max_texture_rows * row) // row * row
+        shapes.append((4, "interleaved", True))
     threads = 16384
     src = backend.create_buffer(size, "bandwidth source")
     dst = backend.create_buffer(threads * 4, "bandwidth sink")
-    variants = {}
+    variants, tex = {}, None
     try:
-        for vec, layout in ((1, "interleaved"), (4, "interleaved"), (4, "chunked")):
-            pipe = kernels.pipeline("bandwidth", {"vec": vec, "layout": layout},
+        for vec, layout, texture in shapes:
+            if texture:
+                tex = backend.create_texture(size // row, "bandwidth texture")
+                backend.copy_to_texture(src, tex)
+            pipe = kernels.pipeline("bandwidth", {"vec": vec, "layout": layout, "texture": texture},
                                     {"N": size // (4 * vec), "THREADS": threads})
-            plan = backend.create_plan([Dispatch(pipe, {0: Binding(src), 1: Binding(dst)},
+            plan = backend.create_plan([Dispatch(pipe, {0: Binding(tex if texture else src), 1: Binding(dst)},
                                                  split_workgroups(threads // 64), "bandwidth", "bandwidth")])
-            variants[f"{layout} {'vec4' if vec == 4 else 'u32'}"] = round(size / await _time_plan(backend, plan, reps)
-                                                                           / 1e9, 3)
+            name = "texture" if texture else f"{layout} {'vec4' if vec == 4 else 'u32'}"
+            variants[name] = round(size / await _time_plan(backend, plan, reps) / 1e9, 3)
     finally:
-        backend.destroy_buffer(src)
-        backend.destroy_buffer(dst)
+        for b in (src, dst, tex):
+            if b is not None:
+                backend.destroy_buffer(b)
     return {"gb_s": max(variants.values()), "variants_gb_s": variants, "buffer_bytes": size}
 
 

@@ -31,10 +31,13 @@ class Weight:
     buffer: object
     nbytes: int
     parts: list | None = None
+    texture: bool = False       # its parts are textures, not buffers (kernels.weight_textures)
+    allocated: int = 0          # GPU bytes its parts take (textures: whole rows); nbytes where not given
 
     def __post_init__(self):
         if self.parts is None:
             self.parts = [(0, self.rows, self.buffer)]
+        self.allocated = self.allocated or self.nbytes
 
     @property
     def buffers(self) -> list:
@@ -155,7 +158,7 @@ class GraphBuilder:
     @staticmethod
     def _words(binds: dict, w: Weight, index: int, buf) -> dict:
         """Repacked weights keep their scales as single words, read through a second, u32 view."""
-        if w.qtype in REPACKED_QTYPES:
+        if w.qtype in REPACKED_QTYPES and not w.texture:     # a texture's kernels read its words from it
             binds[index] = buf
         return binds
 
@@ -165,7 +168,7 @@ class GraphBuilder:
         out = self._tensor(w.cols)
         units = self.m_cap * w.cols // 32
         for row0, rows, buf in w.parts:     # each part fills the rows of the tokens it holds
-            self._dispatch("embed", {"qtype": w.qtype},
+            self._dispatch("embed", {"qtype": w.qtype, "wtex": w.texture},
                            {"N": rows, "K": w.cols, "SCALE": scale, "ROW0": row0, "NTOTAL": w.rows},
                            self._words({0: buf, 1: out.bind(), 2: self._step()}, w, 3, buf),
                            -(-units // 64), f"embed {w.name}")
@@ -221,7 +224,7 @@ class GraphBuilder:
             self._matvec(w, x, out.bind(), epilogue, bias=bias)
             return out
         k = w.cols
-        params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None)
+        params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None, wtex=w.texture)
         if params.get("xshare"):
             self._shared_matmul(x, w, out, params, bias=bias)
             return out
@@ -251,7 +254,7 @@ class GraphBuilder:
         groups: dict = {}
         for i, (w, b) in enumerate(zip(ws, biases)):
             if x.rows == 1 and b is None and len(w.parts) == 1:
-                groups.setdefault((w.qtype, w.cols), []).append(i)
+                groups.setdefault((w.qtype, w.cols, w.texture), []).append(i)
             else:
                 out[i] = self.linear(x, w, b)
         for idx in groups.values():
@@ -284,7 +287,8 @@ class GraphBuilder:
 
     def _matvec_variant(self, w: Weight, x: Tensor, **extra):
         """The mat-vec's parameters for weight `w`, the binding of its input and its rows per workgroup."""
-        params = self.k.variant("matvec", qtype=w.qtype, x_uniform=self.k.matvec_uniform(w.cols), **extra)
+        params = self.k.variant("matvec", qtype=w.qtype, x_uniform=self.k.matvec_uniform(w.cols), wtex=w.texture,
+                                **extra)
         uniform = params["x_uniform"] and not params["xshare"]
         x = x.x if isinstance(x, Normed) else x       # its norm's binding: _norm_binds
         return params, x.window() if uniform else x.bind(), params["wg"] * params["rows"]
@@ -324,12 +328,12 @@ class GraphBuilder:
     def gated_mlp(self, x: Tensor, gate: Weight, up: Weight, act: str = "silu") -> Tensor:
         """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""
         x = self._norm_now(x)
-        if x.rows == 1 and gate.qtype == up.qtype and gate.parts_like(up):
+        if x.rows == 1 and gate.qtype == up.qtype and gate.parts_like(up) and gate.texture == up.texture:
             out = self._tensor(gate.rows, 1)
             self._matvec(gate, x, out.bind(), "glu", w2=up, act=act)
             return out
-        params = self.k.variant("matmul", qtype=gate.qtype, epilogue="glu", bias=False, act=act)
-        if params.get("xshare") and gate.qtype == up.qtype and gate.parts_like(up):
+        params = self.k.variant("matmul", qtype=gate.qtype, epilogue="glu", bias=False, act=act, wtex=gate.texture)
+        if params.get("xshare") and gate.qtype == up.qtype and gate.parts_like(up) and gate.texture == up.texture:
             # gate and up in one pass over the activations, half the rows of each an invocation
             params["rows"] = max(1, params["rows"] // 2)
             out = self._tensor(gate.rows, x.rows)

@@ -8,6 +8,7 @@ each operation uses on a device; sizes that change per model come in as
 from __future__ import annotations
 
 import json
+import os
 
 from .errors import UnsupportedModelError
 
@@ -36,6 +37,7 @@ VARIANTS = {
     "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1},   # decode: invocations a head's keys split over
 }
 
+TEXTURE_WIDTH = 1024         # texels (16 bytes) a row of a weight texture (shaders/_quant.wgsl.j2: weight_binding)
 UNIFORM_BYTES = 65536        # the uniform window kernels read activations through
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment
 STORAGE_ALIGN = 256          # minStorageBufferOffsetAlignment
@@ -85,14 +87,16 @@ class Kernels:
         self.backend = backend
         self.env = jinja2.Environment(loader=_shader_loader(), undefined=jinja2.StrictUndefined,
                                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-        self.env.globals["QUADS"] = QUAD_QTYPES
+        self.env.globals.update(QUADS=QUAD_QTYPES, tex_width=TEXTURE_WIDTH, tex_shift=TEXTURE_WIDTH.bit_length() - 1)
         self._pipelines: dict = {}
         self.tuning: dict = {}      # op -> parameters measured best on this adapter (pyengine/tuning.py)
         self.device_params = {
             "backend": "dawn" if backend.name == "browser" else "naga",
             "subgroups": "subgroups" in backend.features,
             "f16": False,
+            "wtex": False,          # set per weight: Weight.texture
         }
+        self.weight_textures = weight_textures(backend)
 
     def render(self, family: str, **params) -> str:
         p = dict(self.device_params)
@@ -135,6 +139,25 @@ class Kernels:
                 raise UnsupportedModelError("f16 kernels need a device with shader-f16")
             p["f16"] = True
         return p
+
+
+def weight_textures(backend) -> bool:
+    """Whether weight matrices go into textures on this backend (shaders/_quant.wgsl.j2: weight_binding):
+    on CPU adapters, whose texel fetches are plain vector loads; GPUs keep storage buffers.
+    PYENGINE_WEIGHTS=textures|buffers chooses instead (the kernel tests run both)."""
+    choice = os.environ.get("PYENGINE_WEIGHTS", "")
+    if choice not in ("", "textures", "buffers"):
+        raise ValueError(f"PYENGINE_WEIGHTS={choice!r}: use textures or buffers")
+    if choice:
+        return choice == "textures" and backend.max_texture_rows > 0
+    from .tuning import is_cpu
+
+    return is_cpu(backend) and backend.max_texture_rows > 0
+
+
+def texture_rows(nbytes: int) -> int:
+    """Rows of the weight texture holding `nbytes` packed bytes."""
+    return max(1, -(-nbytes // (16 * TEXTURE_WIDTH)))
 
 
 def _shader_loader():

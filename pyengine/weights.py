@@ -10,7 +10,7 @@ from __future__ import annotations
 from .errors import UnsupportedModelError
 from .gpu import Binding, Dispatch, split_workgroups
 from .graph import Weight
-from .kernels import GGUF_BLOCKS, REPACKED_QTYPES, packed_nbytes
+from .kernels import GGUF_BLOCKS, REPACKED_QTYPES, TEXTURE_WIDTH, packed_nbytes, texture_rows
 
 STAGING_BYTES = 16 << 20    # raw bytes repacked per dispatch: the staging buffer's size at most
 
@@ -37,12 +37,20 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
     data at the start of `buffer` (it may be a coroutine: in the browser the bytes come from
     IndexedDB). Repacked types need `staging`, a buffer as large as the largest part's raw bytes."""
     row_bytes = _row_bytes(qtype, cols)
-    parts = []
+    texture = textured(kernels, rows)
+    parts, buf, allocated = [], None, 0
     try:
-        for row0, n in split_rows(qtype, rows, cols, backend.max_storage_binding):
+        for row0, n in split_rows(qtype, rows, cols, part_limit(backend, texture)):
             label = name if row0 == 0 and n == rows else f"{name} rows {row0}-{row0 + n - 1}"
-            buf = backend.create_buffer(packed_nbytes(qtype, n, cols), label)
-            parts.append((row0, n, buf))
+            nbytes = packed_nbytes(qtype, n, cols)
+            if texture:     # packed in a buffer of whole texture rows, then copied into its texture
+                buf = backend.create_buffer(texture_rows(nbytes) * TEXTURE_WIDTH * 16, label)
+                parts.append((row0, n, backend.create_texture(texture_rows(nbytes), label)))
+                allocated += texture_rows(nbytes) * TEXTURE_WIDTH * 16
+            else:
+                buf = backend.create_buffer(nbytes, label)
+                parts.append((row0, n, buf))
+                allocated += nbytes
             if qtype in REPACKED_QTYPES:               # through staging a run of whole rows at a time
                 per_run = _run_rows(qtype, cols)
                 bpr = cols // GGUF_BLOCKS[qtype][0]
@@ -56,11 +64,38 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
                         [Dispatch(pipe, {0: Binding(staging), 1: Binding(buf)}, groups)]))
             else:
                 await _maybe_await(write_raw(buf, row0 * row_bytes, n * row_bytes))
+            if texture:
+                backend.copy_to_texture(buf, parts[-1][2])
+                backend.destroy_buffer(buf)     # freed once the copy has run
+            buf = None
     except BaseException:
-        for _, _, b in parts:
+        for b in [b for _, _, b in parts] + ([buf] if texture and buf is not None else []):
             backend.destroy_buffer(b)
         raise
-    return Weight(name, qtype, rows, cols, parts[0][2], packed_nbytes(qtype, rows, cols), parts)
+    return Weight(name, qtype, rows, cols, parts[0][2], packed_nbytes(qtype, rows, cols), parts, texture,
+                  allocated)
+
+
+def textured(kernels, rows: int) -> bool:
+    """Whether a weight of `rows` rows goes into textures: matrices on backends that read them so
+    (kernels.weight_textures); vectors (norms, biases) stay in buffers."""
+    return kernels.weight_textures and rows > 1
+
+
+def part_limit(backend, texture: bool) -> int:
+    """The most packed bytes one part of a weight holds: a storage binding (the repack writes it as one),
+    and for textures the largest texture too."""
+    if texture:
+        return min(backend.max_storage_binding, backend.max_texture_rows * TEXTURE_WIDTH * 16)
+    return backend.max_storage_binding
+
+
+def device_bytes(kernels, qtype: str, rows: int, cols: int, limit: int) -> int:
+    """GPU bytes a weight takes once uploaded: its packed bytes, in whole texture rows where textured."""
+    if not textured(kernels, rows):
+        return packed_nbytes(qtype, rows, cols)
+    return sum(texture_rows(packed_nbytes(qtype, n, cols)) * TEXTURE_WIDTH * 16
+               for _, n in split_rows(qtype, rows, cols, limit))
 
 
 def _row_bytes(qtype: str, cols: int) -> int:

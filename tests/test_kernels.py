@@ -638,3 +638,59 @@ def test_every_matvec_variant_the_tuner_may_choose(rig, qtype):
             close(rig.read(out, n), a / (1 + np.exp(-a)) * b, rtol=5e-5)
     finally:
         rig.k.tuning = {}
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("where", ["textures", "buffers"])
+def test_weights_in_textures_and_in_buffers_give_the_same_products(rig, qtype, where, monkeypatch):
+    # whichever this adapter uses by default, the other placement too: GPUs read buffers, CPU adapters
+    # textures, and each kernel family (mat-vec in every variant, fused and gated; mat-mat; embedding)
+    # reads both
+    monkeypatch.setattr(rig.k, "weight_textures", where == "textures")
+    n, k = shapes_for(qtype)[2]
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    w2, wv2 = rig.weight(rig.rng.standard_normal((n, k)), qtype, "w2")
+    assert w.texture is (where == "textures") and w2.texture is w.texture
+    vec = rig.vector(rig.rng.standard_normal(k))
+    assert not vec.texture          # vectors stay in buffers
+    x = rig.rng.standard_normal((5, k))
+    a, b = x @ wv.T, x @ wv2.T
+    try:
+        for variant in matvec_variants(rig):
+            rig.k.tuning = {"matvec": variant}
+            close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x[0]), w), 1), n), a[0])
+            out = rig.run(lambda g: g.gated_mlp(rig.tensor(x[0]), w, w2, "silu"), 1)
+            close(rig.read(out, n), a[0] / (1 + np.exp(-a[0])) * b[0], rtol=5e-5)
+            q, kk = rig.run(lambda g: g.linears(rig.tensor(x[0]), [w, w2]), 1)
+            close(rig.read(q, n), a[0])
+            close(rig.read(kk, n), b[0])
+        rig.step(0, 5)
+        for variant in runnable_matmuls(rig):
+            rig.k.tuning = {"matmul": variant}
+            close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x), w), 8), 5 * n).reshape(5, n), a)
+    finally:
+        rig.k.tuning = {}
+    tokens = [0, n - 1, 7]
+    rig.step(0, len(tokens), tokens)
+    out = rig.run(lambda g: g.embed(w), len(tokens))
+    close(rig.read(out, len(tokens) * k).reshape(len(tokens), k), wv[tokens])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q6_K", "Q4_K", "F16"])
+def test_a_weight_larger_than_one_texture_is_split_transparently(rig, qtype, monkeypatch):
+    from pyengine.kernels import TEXTURE_WIDTH, texture_rows
+
+    monkeypatch.setattr(rig.k, "weight_textures", True)
+    n, k = 601, 512
+    rows = texture_rows(packed_nbytes(qtype, n, k)) // 3 + 1          # three or four parts' worth of texture
+    monkeypatch.setattr(rig.be, "max_texture_rows", rows)
+    w, wv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
+    assert w.texture and len(w.parts) >= 3 and sum(r for _, r, _ in w.parts) == n
+    assert all(packed_nbytes(qtype, r, k) <= rows * TEXTURE_WIDTH * 16 for _, r, _ in w.parts)
+    x = rig.rng.standard_normal((5, k))
+    close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x[0]), w), 1), n), wv @ x[0])
+    rig.step(0, 5)
+    close(rig.read(rig.run(lambda g: g.linear(rig.tensor(x), w), 8), 5 * n).reshape(5, n), x @ wv.T)
+    tokens = [r for row0, r_n, _ in w.parts for r in (row0, row0 + r_n - 1)]
+    rig.step(0, len(tokens), tokens)
+    close(rig.read(rig.run(lambda g: g.embed(w), len(tokens)), len(tokens) * k).reshape(len(tokens), k), wv[tokens])

@@ -273,5 +273,5 @@ def test_the_memory_a_model_needs_is_stated_before_loading_and_a_limit_refuses_i
     with pytest.raises(GPUError, match=r"this model needs \d+ MB of GPU memory .* but the limit is 0 MB"):
         Engine(g, backend, context_length=64, gpu_memory_limit=100_000)
     loaded = Engine.load(tiny_llama, backend, context_length=64)
-    assert loaded.memory["weights"] == sum(w.nbytes for w in loaded.weights.values())
+    assert loaded.memory["weights"] == sum(w.allocated for w in loaded.weights.values())
     loaded.close()

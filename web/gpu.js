@@ -22,6 +22,7 @@ export async function openDevice() {
       maxBufferSize: l.maxBufferSize,
       maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
       maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+      maxTextureDimension2D: l.maxTextureDimension2D,
     },
   });
   let info = {};
@@ -63,6 +64,7 @@ export class Replayer {
         maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
         maxBufferSize: l.maxBufferSize,
         maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+        maxTextureDimension2D: l.maxTextureDimension2D,
       },
     });
   }
@@ -78,6 +80,32 @@ export class Replayer {
       this.error = String(e);
       return -1;
     }
+  }
+
+  // a weight texture (pyengine/gpu/__init__.py: create_texture): rgba32uint, `width` texels by `rows`; its
+  // bindings use one view, made here
+  createTexture(width, rows, label) {
+    this._check();
+    try {
+      const texture = this.device.createTexture({
+        size: [width, rows], format: "rgba32uint", label,
+        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
+      });
+      texture.view = texture.createView();
+      return this._put(texture);
+    } catch (e) {
+      this.error = String(e);
+      return -1;
+    }
+  }
+
+  copyToTexture(bufId, texId) {
+    this._check();
+    const texture = this._get(texId);
+    const enc = this.device.createCommandEncoder();
+    enc.copyBufferToTexture({ buffer: this._get(bufId), bytesPerRow: texture.width * 16, rowsPerImage: texture.height },
+      { texture }, [texture.width, texture.height]);
+    this.device.queue.submit([enc.finish()]);
   }
 
   destroyBuffer(id) {
@@ -126,7 +154,9 @@ export class Replayer {
       const steps = JSON.parse(specJson).map(([pid, binds, x, y, z]) => {
         const pipeline = this._get(pid);
         const entries = binds.map(([binding, bid, offset, size]) => {
-          const resource = { buffer: this._get(bid), offset };
+          const o = this._get(bid);
+          if (o.view) return { binding, resource: o.view };     // a weight texture
+          const resource = { buffer: o, offset };
           if (size >= 0) resource.size = size;
           return { binding, resource };
         });

@@ -44,6 +44,7 @@ class Backend:
     max_storage_binding: int
     max_buffer_size: int
     max_workgroups_per_dim: int
+    max_texture_rows: int = 0    # rows of the largest 2D texture (0: no weight textures)
 
     def create_buffer(self, size: int, label: str = "", kind: str = "storage"):
         raise NotImplementedError
@@ -52,6 +53,15 @@ class Backend:
         raise NotImplementedError
 
     def write_buffer(self, buf, offset: int, data) -> None:
+        raise NotImplementedError
+
+    def create_texture(self, rows: int, label: str = ""):
+        """A 2D rgba32uint texture of kernels.TEXTURE_WIDTH texels by `rows` that kernels read with
+        textureLoad, bound like a buffer (Binding(texture)); destroy_buffer frees it."""
+        raise NotImplementedError
+
+    def copy_to_texture(self, buf, tex) -> None:
+        """The first bytes of `buf` (as many as `tex` holds; queued after earlier writes) into `tex`."""
         raise NotImplementedError
 
     async def read_buffer(self, buf, offset: int, size: int) -> bytes:

@@ -33,6 +33,7 @@ class BrowserBackend(Backend):
         self.max_storage_binding = lim["maxStorageBufferBindingSize"]
         self.max_buffer_size = lim["maxBufferSize"]
         self.max_workgroups_per_dim = lim["maxComputeWorkgroupsPerDimension"]
+        self.max_texture_rows = lim.get("maxTextureDimension2D", 0)
         self.bytes_allocated = 0
         self.calls = 0   # calls into JavaScript, for the benchmark
 
@@ -47,6 +48,24 @@ class BrowserBackend(Backend):
             raise GPUError(f"could not allocate {size} bytes of GPU memory for '{label}': {self.r.lastError()}")
         self.bytes_allocated += size
         return JSBuffer(bid, size, label)
+
+    def create_texture(self, rows: int, label: str = ""):
+        from ..kernels import TEXTURE_WIDTH
+
+        if rows > self.max_texture_rows:
+            raise GPUError(f"texture '{label}' needs {rows} rows, more than this adapter's largest "
+                           f"({self.max_texture_rows})")
+        self.calls += 1
+        tid = self.r.createTexture(TEXTURE_WIDTH, rows, label)
+        if tid < 0:
+            raise GPUError(f"could not allocate a texture of {rows} rows for '{label}': {self.r.lastError()}")
+        size = rows * TEXTURE_WIDTH * 16
+        self.bytes_allocated += size
+        return JSBuffer(tid, size, label)
+
+    def copy_to_texture(self, buf, tex) -> None:
+        self.calls += 1
+        self.r.copyToTexture(buf.id, tex.id)
 
     def destroy_buffer(self, buf) -> None:
         self.calls += 1

@@ -79,6 +79,7 @@ class NativeBackend(Backend):
             "max-compute-workgroup-storage-size": lim["max-compute-workgroup-storage-size"],
             "max-compute-invocations-per-workgroup": lim["max-compute-invocations-per-workgroup"],
             "max-storage-buffers-per-shader-stage": lim["max-storage-buffers-per-shader-stage"],
+            "max-texture-dimension-2d": lim["max-texture-dimension-2d"],
         }
         self.device = adapter.request_device_sync(required_features=want, required_limits=limits)
         self.queue = self.device.queue
@@ -88,9 +89,11 @@ class NativeBackend(Backend):
             self.max_storage_binding = min(self.max_storage_binding, max_storage_binding)
         self.max_buffer_size = limits["max-buffer-size"]
         self.max_workgroups_per_dim = lim["max-compute-workgroups-per-dimension"]
+        self.max_texture_rows = limits["max-texture-dimension-2d"]
         self._staging = None
         self.bytes_allocated = 0
         self._live: dict[int, int] = {}
+        self._views: dict[int, tuple] = {}     # id of a texture -> (it, the view its bindings use)
 
     # -- buffers ---------------------------------------------------------------
 
@@ -112,7 +115,33 @@ class NativeBackend(Backend):
     def destroy_buffer(self, buf) -> None:
         size = self._live.pop(id(buf), 0)
         self.bytes_allocated -= size
+        self._views.pop(id(buf), None)
         buf.destroy()
+
+    def create_texture(self, rows: int, label: str = ""):
+        from ..kernels import TEXTURE_WIDTH
+
+        if rows > self.max_texture_rows:
+            raise GPUError(f"texture '{label}' needs {rows} rows, more than this adapter's largest "
+                           f"({self.max_texture_rows})")
+        t = self._wgpu.TextureUsage
+        try:
+            tex = self.device.create_texture(size=(TEXTURE_WIDTH, rows, 1), format="rgba32uint",
+                                             usage=t.TEXTURE_BINDING | t.COPY_DST, label=label)
+        except Exception as e:
+            raise GPUError(f"could not allocate a texture of {rows} rows for '{label}': {e}") from None
+        size = rows * TEXTURE_WIDTH * 16
+        self.bytes_allocated += size
+        self._live[id(tex)] = size
+        self._views[id(tex)] = (tex, tex.create_view())
+        return tex
+
+    def copy_to_texture(self, buf, tex) -> None:
+        w, rows, _ = tex.size
+        enc = self.device.create_command_encoder()
+        enc.copy_buffer_to_texture({"buffer": buf, "offset": 0, "bytes_per_row": w * 16, "rows_per_image": rows},
+                                   {"texture": tex}, (w, rows, 1))
+        self.queue.submit([enc.finish()])
 
     def write_buffer(self, buf, offset: int, data) -> None:
         self.queue.write_buffer(buf, offset, data)
@@ -137,9 +166,11 @@ class NativeBackend(Backend):
             layout = d.pipeline.get_bind_group_layout(0)
             entries = []
             for binding, b in sorted(d.bindings.items()):
-                res = {"buffer": b.buffer, "offset": b.offset}
-                if b.size is not None:
-                    res["size"] = b.size
+                tex, res = self._views.get(id(b.buffer), (None, None))
+                if tex is not b.buffer:
+                    res = {"buffer": b.buffer, "offset": b.offset}
+                    if b.size is not None:
+                        res["size"] = b.size
                 entries.append({"binding": binding, "resource": res})
             bg = self.device.create_bind_group(layout=layout, entries=entries, label=d.label)
             steps.append((d.pipeline, bg, d.workgroups))
