@@ -37,7 +37,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
-from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes  # noqa: E402
+from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes, texture_rows  # noqa: E402
 from pyengine.tuning import MATMUL_XSHARE, every_variant, space, subgroup_size  # noqa: E402
 
 REPEAT = 20
@@ -54,13 +54,21 @@ def _loop_body(code: str) -> tuple[int, int]:
 
 
 def no_weight_loads(code):
-    code = re.sub(r"let q = W\[blk\];", "let q = vec4<u32>(blk, blk * 3u, blk ^ 0x5555u, blk + 77u);", code)
+    code = re.sub(r"let q = W_at\(blk\);", "let q = vec4<u32>(blk, blk * 3u, blk ^ 0x5555u, blk + 77u);", code)
     return no_scale_loads(code)
 
 
 def no_scale_loads(code):
-    word = re.search(r"var<storage, read> W_words: array<(.+?)>;", code).group(1)
-    return re.sub(r"W_words\[[^\]]*\]", f"{word}(b)", code)
+    """W_wd, the scale words' reader (shaders/_quant.wgsl.j2: weight_binding), returning its index."""
+    start = code.index("fn W_wd(")
+    word = re.match(r"fn W_wd\(i: u32\) -> (.+?) \{", code[start:]).group(1)
+    depth, i = 0, code.index("{", start)
+    while True:
+        depth += {"{": 1, "}": -1}.get(code[i], 0)
+        i += 1
+        if depth == 0:
+            break
+    return code[:start] + f"fn W_wd(i: u32) -> {word} {{ return {word}(i); }}" + code[i:]
 
 
 def no_activation_loads(code):
@@ -109,6 +117,43 @@ PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without s
          "without the loop body": empty_body}
 
 
+def weight(be, k, nbytes: int):
+    """A weight of `nbytes` packed bytes where this adapter's weights lie: a texture or a buffer."""
+    if k.weight_textures:
+        return be.create_texture(texture_rows(nbytes), "weights")
+    return be.create_buffer(nbytes, "weights")
+
+
+def weight_binds(k, w, slot: int, words_slot: int) -> dict:
+    """The bindings of weight `w` at `slot` (a buffer's scale words again at `words_slot`)."""
+    if k.weight_textures:
+        return {slot: Binding(w)}
+    return {slot: Binding(w), words_slot: Binding(w)}
+
+
+def reachable(code: str) -> str:
+    """The text of main and of every function it calls, directly or not: what the kernel runs, so the
+    bindings it reads (an edit can leave a function that loads a binding uncalled)."""
+    bodies, at = {}, 0
+    for m in re.finditer(r"^fn (\w+)\(", code, re.M):
+        i = code.index("{", m.end())
+        depth, j = 0, i
+        while True:
+            depth += {"{": 1, "}": -1}.get(code[j], 0)
+            j += 1
+            if depth == 0:
+                break
+        bodies[m.group(1)] = code[i:j]
+    seen, todo = set(), ["main"]
+    while todo:
+        f = todo.pop()
+        if f in seen or f not in bodies:
+            continue
+        seen.add(f)
+        todo += [g for g in bodies if re.search(rf"\b{g}\(", bodies[f])]
+    return "\n".join(bodies[f] for f in seen)
+
+
 async def replay_times(be, plans: dict, rounds: int) -> dict:
     """Seconds per dispatch of each plan of REPEAT dispatches, round after round, the plans taking turns."""
     times = {name: [] for name in plans}
@@ -129,17 +174,17 @@ async def time_variants(be, k, w, nbytes, a):
     y = be.create_buffer(a.rows * 4, "out")
     # --copies: REPEAT dispatches over that many copies of the weight in turn, as a decode step reads
     # weights that are not in cache; by default the same weight REPEAT times
-    ws = [w] + [be.create_buffer(nbytes, f"weights {i}") for i in range(1, a.copies)]
+    ws = [w] + [weight(be, k, nbytes) for i in range(1, a.copies)]
     plans = {}
     for v in every_variant(lanes):
         v = {**VARIANTS["matvec"], **v}
         uniform = k.matvec_uniform(a.cols) and not v["xshare"]
-        code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=uniform, act="silu", **v)
+        code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False, x_uniform=uniform, act="silu", **v)
         pipe = be.create_pipeline(code, {"N": a.rows, "K": a.cols, "ROW0": 0}, "mat-vec")
         groups = (-(-a.rows // (v["wg"] * v["rows"])), 1, 1)
         plans[json.dumps(v)] = be.create_plan([
-            Dispatch(pipe, {0: Binding(wi), 1: Binding(x, 0, UNIFORM_BYTES if uniform else None), 2: Binding(y),
-                            4: Binding(wi)}, groups, "mat-vec")
+            Dispatch(pipe, {**weight_binds(k, wi, 0, 4), 1: Binding(x, 0, UNIFORM_BYTES if uniform else None),
+                            2: Binding(y)}, groups, "mat-vec")
             for wi in (ws[i % len(ws)] for i in range(REPEAT))])
     times = await replay_times(be, plans, a.rounds)
     where = f"{len(ws)} copies in turn" if len(ws) > 1 else "one copy, in cache"
@@ -154,12 +199,12 @@ async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     plans = {}
     for rows, t, wg in PREFILL_SHAPES:
         v = {**VARIANTS["matmul"], **MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
-        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", epilogue="glu" if a.glu else "store",
+        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", wtex=k.weight_textures, epilogue="glu" if a.glu else "store",
                                            act="silu", bias=False, **v), consts, "mat-mat")
         groups = (-(-a.rows // (wg * rows)), -(-PREFILL_TOKENS // t), 1)
-        binds = {**fixed, 0: Binding(w), 1: Binding(x), 6: Binding(w)}
+        binds = {**fixed, **weight_binds(k, w, 0, 6), 1: Binding(x)}
         if a.glu:       # gate and up: the same weight twice
-            binds.update({4: Binding(w), 7: Binding(w)})
+            binds.update(weight_binds(k, w, 4, 7))
         plans[f"{rows} rows x {t} tokens, {wg} a workgroup"] = be.create_plan([Dispatch(pipe, binds, groups, "mm")] * REPEAT)
     times = await replay_times(be, plans, a.rounds)
     print(f"Q4_1 mat-mat of {PREFILL_TOKENS} tokens {a.rows}x{a.cols}, the shared kernel in each shape, "
@@ -186,7 +231,7 @@ async def main():
     be = open_backend("native")
     k = Kernels(be)
     nbytes = packed_nbytes("Q4_1", a.rows, a.cols)
-    w = be.create_buffer(nbytes, "weights")
+    w = weight(be, k, nbytes)
     if a.variants and not a.prefill:
         return await time_variants(be, k, w, nbytes, a)
     plans = {}
@@ -194,13 +239,14 @@ async def main():
     if a.prefill:
         variant = {**VARIANTS["matmul"], **MATMUL_XSHARE}
         tokens = PREFILL_TOKENS
-        code = k.render("matmul", qtype="Q4_1", epilogue="store", bias=False, **variant)
+        code = k.render("matmul", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False, **variant)
         x = be.create_buffer(tokens * a.cols * 4, "activations")
         y = be.create_buffer(tokens * a.rows * 4, "out")
         step = be.create_buffer(256, "step")
         be.write_buffer(step, 0, struct.pack("<II", 0, tokens))
         groups = (-(-a.rows // (variant["wg"] * variant["rows"])), -(-tokens // variant["t"]), 1)
-        parts, names = PREFILL_PARTS, {0: "W[", 1: "X[", 6: "W_words["}
+        parts, names = PREFILL_PARTS, {1: "X["}
+        wslots = (0, 6)
         consts = {"N": a.rows, "K": a.cols, "ROW0": 0, "NOUT": a.rows}
         fixed = {2: Binding(y), 3: Binding(step)}
         if a.variants:
@@ -209,12 +255,13 @@ async def main():
         # the variant the tuner prefers where this adapter's subgroups allow it (shared activations)
         shared = [v for v in space(await subgroup_size(be, k)) if v.get("xshare")]
         variant = {**VARIANTS["matvec"], **(shared[0] if shared else {})}
-        code = k.render("matvec", qtype="Q4_1", epilogue="store", bias=False, x_uniform=not variant["xshare"],
+        code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False, x_uniform=not variant["xshare"],
                         act="silu", **variant)
         x = be.create_buffer(UNIFORM_BYTES, "activations")
         y = be.create_buffer(a.rows * 4, "out")
         groups = (-(-a.rows // (variant["wg"] * variant["rows"])), 1, 1)
-        parts, names = PARTS, {0: "W[", 1: "x[", 4: "W_words["}
+        parts, names = PARTS, {1: "x["}
+        wslots = (0, 4)
         consts = {"N": a.rows, "K": a.cols, "ROW0": 0}
         fixed = {2: Binding(y)}
     for name, edit in parts.items():
@@ -222,11 +269,13 @@ async def main():
         if edit and src == code:
             raise SystemExit(f"'{name}': the kernel no longer has the code this edit takes out")
         pipe = be.create_pipeline(src, consts, name)
-        body = src[src.index("fn main"):]
+        body = reachable(src)
         binds = dict(fixed)
         for slot, use in names.items():     # a binding the edited kernel no longer reads is not bound
-            if use in body or (slot != 1 and "dequant(" in body):
-                binds[slot] = Binding(x, 0, None if a.prefill else UNIFORM_BYTES) if slot == 1 else Binding(w)
+            if use in body:
+                binds[slot] = Binding(x, 0, None if a.prefill else UNIFORM_BYTES)
+        binds.update({s: b for s, b in weight_binds(k, w, *wslots).items()
+                      if re.search(r"\bW(_tex)?\b" if s == wslots[0] else r"\bW_words\b", body)})
         plans[name] = be.create_plan([Dispatch(pipe, binds, groups, name)] * REPEAT)
     times = await replay_times(be, plans, a.rounds)
     what = f"mat-mat of {tokens} tokens" if a.prefill else "mat-vec"

@@ -54,7 +54,7 @@ MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
 ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
 ATTENTION_SHARE4 = {**ATTENTION_SHARE, "xl": 4}
-VERSION = 8      # a change to the kernels, the space or the key makes older measurements stale
+VERSION = 9      # a change to the kernels, the space or the key makes older measurements stale
 
 
 def space(lanes: int) -> list[dict]:
@@ -147,15 +147,48 @@ async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):
     return once
 
 
-async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5) -> list[float]:
-    """Seconds per mat-vec for each variant: the variants take turns, round after round, and each
-    keeps its fastest time, so a burst of other work on the machine weighs on none of them alone."""
+async def norm_timer(engine, norm, repeat: int = 8):
+    """A function timing one replay of `repeat` RMSNorms by the 1-row weight `norm`, each its own dispatch
+    (seconds per RMSNorm): what a decode step pays for each norm that its mat-vecs do not fold in."""
+    be = engine.backend
+    g = GraphBuilder(engine.kernels, engine.state, 1)
+    x = g._tensor(norm.cols, 1)
+    outs = [g.rms_norm(x, norm, 1e-6) for _ in range(repeat)]
+    plan = be.create_plan(g.dispatches, "tuning")
+    await be.submit_and_read(plan, engine.state.step, 0, 16)
+
+    async def once() -> float:
+        t0 = time.perf_counter()
+        await be.submit_and_read(plan, engine.state.step, 0, 16)
+        return (time.perf_counter() - t0) / repeat
+
+    once.keep = (g, x, outs)
+    return once
+
+
+async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5, norm=None) -> list[float]:
+    """Seconds per mat-vec for each variant (with `norm`, then seconds per RMSNorm dispatch last): the
+    timers take turns, round after round, and each keeps its fastest time, so a burst of other work on
+    the machine weighs on none of them alone."""
     timers = [await matvec_timer(engine, weight, v) for v in variants]
-    best = [float("inf")] * len(variants)
+    if norm is not None:
+        timers.append(await norm_timer(engine, norm))
+    best = [float("inf")] * len(timers)
     for _ in range(rounds):
         for i, once in enumerate(timers):
             best[i] = min(best[i], await once())
     return best
+
+
+def step_costs(engine, weight, variants: list[dict], times: list[float]) -> list[float]:
+    """Seconds a decode step spends in mat-vecs and the RMSNorms before them with each variant: its time on
+    `weight` scaled to every weight a step reads, plus, for the variants that do not fold the norms into
+    the mat-vecs (only those sharing activations by broadcasts do), a dispatch per norm (two a layer and
+    the last one; the RMSNorm's time is times[-1]). On lavapipe a dispatch costs 50-100 us whatever it
+    does: SmolLM2's 61 norms weigh as much as a 10% slower mat-vec."""
+    scale = sum(w.nbytes for w in engine.weights.values() if w.rows > 1) / weight.nbytes
+    norms = 2 * engine.args.n_layers + 1
+    return [t * scale + (0.0 if v.get("xshare") else norms * times[-1]) for v, t in zip(variants, times)]
 
 
 def tuning_weight(engine):
@@ -188,7 +221,11 @@ async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None
     if cache and isinstance(cache.get(key), dict) and isinstance(cache[key].get("matvec"), dict):
         return {"matvec": cache[key]["matvec"]}, "cached", key
     variants = space(await subgroup_size(engine.backend, engine.kernels))
-    times = await measure_variants(engine, weight, variants)
+    norm = next((w for w in engine.weights.values() if w.rows == 1 and w.cols == engine.args.dim), None)
+    if norm is None or not any(v.get("xshare") for v in variants):
+        times = await measure_variants(engine, weight, variants)
+    else:
+        times = step_costs(engine, weight, variants, await measure_variants(engine, weight, variants, norm=norm))
     return {"matvec": dict(variants[times.index(min(times))])}, "measured", key
 
 

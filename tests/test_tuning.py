@@ -94,6 +94,22 @@ def test_a_variant_timer_measures_the_real_kernel(tiny_llama, backend):
     e.close()
 
 
+def test_the_choice_counts_the_norms_a_variant_leaves_to_dispatches_of_their_own(tiny_llama, backend):
+    e = Engine.load(tiny_llama, backend, context_length=64, tune=False)
+    w = tuning.tuning_weight(e)
+    norm = next(w for w in e.weights.values() if w.rows == 1 and w.cols == e.args.dim)
+    plain, shared = {"rows": 4, "wg": 32}, {"rows": 4, "wg": 32, "xshare": True, "xl": 8}
+    times = asyncio.run(tuning.measure_variants(e, w, [plain], rounds=2, norm=norm))
+    assert len(times) == 2 and all(0 < t < 1 for t in times)        # the mat-vec's, then the RMSNorm's
+    # per mat-vec the shared variant is 5% slower; the other leaves 2 norms a layer and the last one
+    costs = tuning.step_costs(e, w, [plain, shared], [1.0e-4, 1.05e-4, 2e-5])
+    scale = sum(x.nbytes for x in e.weights.values() if x.rows > 1) / w.nbytes
+    assert costs[0] == pytest.approx(1.0e-4 * scale + (2 * e.args.n_layers + 1) * 2e-5)
+    assert costs[1] == pytest.approx(1.05e-4 * scale)
+    assert tuning.step_costs(e, w, [plain, shared], [1.0e-4, 1.05e-4, 1e-9])[0] < 1.05e-4 * scale
+    e.close()
+
+
 def test_every_variant_gives_the_same_logits(tiny_llama, backend):
     ids = list(range(3, 40))
     outs = []
