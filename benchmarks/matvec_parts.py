@@ -19,7 +19,9 @@ dispatches read N copies of the weight in turn, so that it is not in cache, as i
 Each variant is the real WGSL of the tuned Q4_1 mat-vec, edited; the results are wrong on purpose,
 only their times count. A part whose removal saves little is not what bounds the kernel. Prints
 each variant's fastest replay of 20 dispatches (median and minimum over --rounds rounds, the
-variants taking turns) and the weight bytes a second that time stands for.
+variants taking turns) and the weight bytes a second that time stands for. The weight lies where the
+engine puts weights on this adapter (textures on CPU adapters, buffers on GPUs); PYENGINE_WEIGHTS=buffers
+or =textures puts it in the other (kernels.weight_textures).
 """
 
 from __future__ import annotations
@@ -179,7 +181,8 @@ async def time_variants(be, k, w, nbytes, a):
     for v in every_variant(lanes):
         v = {**VARIANTS["matvec"], **v}
         uniform = k.matvec_uniform(a.cols) and not v["xshare"]
-        code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False, x_uniform=uniform, act="silu", **v)
+        code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False,
+                        x_uniform=uniform, act="silu", **v)
         pipe = be.create_pipeline(code, {"N": a.rows, "K": a.cols, "ROW0": 0}, "mat-vec")
         groups = (-(-a.rows // (v["wg"] * v["rows"])), 1, 1)
         plans[json.dumps(v)] = be.create_plan([
@@ -199,8 +202,9 @@ async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     plans = {}
     for rows, t, wg in PREFILL_SHAPES:
         v = {**VARIANTS["matmul"], **MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
-        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", wtex=k.weight_textures, epilogue="glu" if a.glu else "store",
-                                           act="silu", bias=False, **v), consts, "mat-mat")
+        pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", wtex=k.weight_textures,
+                                           epilogue="glu" if a.glu else "store", act="silu", bias=False, **v),
+                                  consts, "mat-mat")
         groups = (-(-a.rows // (wg * rows)), -(-PREFILL_TOKENS // t), 1)
         binds = {**fixed, **weight_binds(k, w, 0, 6), 1: Binding(x)}
         if a.glu:       # gate and up: the same weight twice
@@ -255,8 +259,8 @@ async def main():
         # the variant the tuner prefers where this adapter's subgroups allow it (shared activations)
         shared = [v for v in space(await subgroup_size(be, k)) if v.get("xshare")]
         variant = {**VARIANTS["matvec"], **(shared[0] if shared else {})}
-        code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False, x_uniform=not variant["xshare"],
-                        act="silu", **variant)
+        code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False,
+                        x_uniform=not variant["xshare"], act="silu", **variant)
         x = be.create_buffer(UNIFORM_BYTES, "activations")
         y = be.create_buffer(a.rows * 4, "out")
         groups = (-(-a.rows // (variant["wg"] * variant["rows"])), 1, 1)

@@ -376,8 +376,8 @@ class Engine:
         staging = max((staging_bytes(i.type_name, r, c, limit) for _, i, _, r, c in self._tensor_shapes()),
                       default=0)
         # a textured weight is packed in a buffer first, one part at a time
-        staging += max((min(device_bytes(k, i.type_name, r, c, limit), limit) for _, i, _, r, c in self._tensor_shapes()
-                        if textured(k, r)), default=0)
+        staging += max((min(device_bytes(k, i.type_name, r, c, limit), limit)
+                        for _, i, _, r, c in self._tensor_shapes() if textured(k, r)), default=0)
         kv = 2 * a.n_layers * self.context_length * a.n_kv_heads * a.head_dim * (2 if self.kv_f16 else 4)
         # activations of the largest prefill chunk: the widest tensors a layer keeps alive at once
         q_width = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim
