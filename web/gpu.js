@@ -54,6 +54,16 @@ export class Replayer {
     return o;
   }
   _check() { if (this.lostReason) throw new Error(`the GPU device was lost: ${this.lostReason}`); }
+  // the id of the object make() returns; -1 where WebGPU refuses it (why: lastError)
+  _make(make) {
+    this._check();
+    try {
+      return this._put(make());
+    } catch (e) {
+      this.error = String(e);
+      return -1;
+    }
+  }
 
   describe() {
     const l = this.device.limits;
@@ -72,31 +82,20 @@ export class Replayer {
   lastError() { return this.error; }
 
   createBuffer(size, label) {
-    this._check();
-    try {
-      const b = this.device.createBuffer({ size, usage: BUFFER_USAGE(), label });
-      return this._put(b);
-    } catch (e) {
-      this.error = String(e);
-      return -1;
-    }
+    return this._make(() => this.device.createBuffer({ size, usage: BUFFER_USAGE(), label }));
   }
 
   // a weight texture (pyengine/gpu/__init__.py: create_texture): rgba32uint, `width` texels by `rows`; its
   // bindings use one view, made here
   createTexture(width, rows, label) {
-    this._check();
-    try {
+    return this._make(() => {
       const texture = this.device.createTexture({
         size: [width, rows], format: "rgba32uint", label,
         usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
       });
       texture.view = texture.createView();
-      return this._put(texture);
-    } catch (e) {
-      this.error = String(e);
-      return -1;
-    }
+      return texture;
+    });
   }
 
   copyToTexture(bufId, texId) {
@@ -135,22 +134,16 @@ export class Replayer {
   }
 
   createPipeline(code, constantsJson, label) {
-    this._check();
-    try {
+    return this._make(() => {
       const module = this.device.createShaderModule({ code, label });
-      const pipeline = this.device.createComputePipeline({
+      return this.device.createComputePipeline({
         layout: "auto", label, compute: { module, entryPoint: "main", constants: JSON.parse(constantsJson) },
       });
-      return this._put(pipeline);
-    } catch (e) {
-      this.error = String(e);
-      return -1;
-    }
+    });
   }
 
   createPlan(specJson, label) {
-    this._check();
-    try {
+    return this._make(() => {
       const steps = JSON.parse(specJson).map(([pid, binds, x, y, z]) => {
         const pipeline = this._get(pid);
         const entries = binds.map(([binding, bid, offset, size]) => {
@@ -163,11 +156,8 @@ export class Replayer {
         const bindGroup = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries, label });
         return [pipeline, bindGroup, x, y, z];
       });
-      return this._put({ steps, label });
-    } catch (e) {
-      this.error = String(e);
-      return -1;
-    }
+      return { steps, label };
+    });
   }
 
   _encode(planId) {
