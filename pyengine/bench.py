@@ -18,7 +18,7 @@ from .engine import Engine
 from .errors import PyEngineError
 from .gguf import read_gguf
 from .gpu import Binding, Dispatch, split_workgroups
-from .kernels import TEXTURE_WIDTH
+from .kernels import TEXTURE_ROW_BYTES
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -76,7 +76,7 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
     reads every weight once per token."""
     size = min(mb << 20, backend.max_storage_binding, backend.max_buffer_size) // 256 * 256
     shapes = [(1, "interleaved", False), (4, "interleaved", False), (4, "chunked", False)]
-    row = 16 * TEXTURE_WIDTH
+    row = TEXTURE_ROW_BYTES
     if kernels.weight_textures:     # weights lie in textures: the same bytes read from one too (as mat-vecs do)
         size = min(size, backend.max_texture_rows * row) // row * row
         shapes.append((4, "interleaved", True))
@@ -89,7 +89,7 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
             if texture:
                 tex = backend.create_texture(size // row, "bandwidth texture")
                 backend.copy_to_texture(src, tex)
-            pipe = kernels.pipeline("bandwidth", {"vec": vec, "layout": layout, "texture": texture},
+            pipe = kernels.pipeline("bandwidth", {"vec": vec, "layout": layout, "wtex": texture},
                                     {"N": size // (4 * vec), "THREADS": threads})
             plan = backend.create_plan([Dispatch(pipe, {0: Binding(tex if texture else src), 1: Binding(dst)},
                                                  split_workgroups(threads // 64), "bandwidth", "bandwidth")])

@@ -23,7 +23,7 @@ from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
 from . import tuning as autotune
 from .tokenizer import Tokenizer, clean_text
-from .weights import device_bytes, part_limit, staging_bytes, textured, upload_weight
+from .weights import part_bytes, staging_bytes, textured, upload_weight
 
 MAX_CHUNK = 512          # tokens per prefill plan replay
 MIN_BUCKET = 16
@@ -370,14 +370,13 @@ class Engine:
     def memory_plan(self) -> dict:
         """The GPU memory this model needs, in bytes, known before any weight is loaded."""
         a = self.args
-        k, limit = self.kernels, self.backend.max_storage_binding
-        weights = sum(device_bytes(k, i.type_name, r, c, part_limit(self.backend, textured(k, r)))
-                      for _, i, _, r, c in self._tensor_shapes())
+        be, k, limit = self.backend, self.kernels, self.backend.max_storage_binding
+        parts = {key: part_bytes(be, k, i.type_name, r, c) for key, i, _, r, c in self._tensor_shapes()}
+        weights = sum(sum(p) for p in parts.values())
         staging = max((staging_bytes(i.type_name, r, c, limit) for _, i, _, r, c in self._tensor_shapes()),
                       default=0)
         # a textured weight is packed in a buffer first, one part at a time
-        staging += max((min(device_bytes(k, i.type_name, r, c, limit), limit)
-                        for _, i, _, r, c in self._tensor_shapes() if textured(k, r)), default=0)
+        staging += max((max(parts[key]) for key, _, _, r, _ in self._tensor_shapes() if textured(k, r)), default=0)
         kv = 2 * a.n_layers * self.context_length * a.n_kv_heads * a.head_dim * (2 if self.kv_f16 else 4)
         # activations of the largest prefill chunk: the widest tensors a layer keeps alive at once
         q_width = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim

@@ -38,6 +38,7 @@ VARIANTS = {
 }
 
 TEXTURE_WIDTH = 1024         # texels (16 bytes) a row of a weight texture (shaders/_quant.wgsl.j2: weight_binding)
+TEXTURE_ROW_BYTES = 16 * TEXTURE_WIDTH
 UNIFORM_BYTES = 65536        # the uniform window kernels read activations through
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment
 STORAGE_ALIGN = 256          # minStorageBufferOffsetAlignment
@@ -87,7 +88,8 @@ class Kernels:
         self.backend = backend
         self.env = jinja2.Environment(loader=_shader_loader(), undefined=jinja2.StrictUndefined,
                                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-        self.env.globals.update(QUADS=QUAD_QTYPES, tex_width=TEXTURE_WIDTH, tex_shift=TEXTURE_WIDTH.bit_length() - 1)
+        self.env.globals.update(QUADS=QUAD_QTYPES, tex_width=TEXTURE_WIDTH,
+                                tex_shift=TEXTURE_WIDTH.bit_length() - 1)
         self._pipelines: dict = {}
         self.tuning: dict = {}      # op -> parameters measured best on this adapter (pyengine/tuning.py)
         self.device_params = {
@@ -157,7 +159,7 @@ def weight_textures(backend) -> bool:
 
 def texture_rows(nbytes: int) -> int:
     """Rows of the weight texture holding `nbytes` packed bytes."""
-    return max(1, -(-nbytes // (16 * TEXTURE_WIDTH)))
+    return max(1, -(-nbytes // TEXTURE_ROW_BYTES))
 
 
 def _shader_loader():

@@ -222,10 +222,9 @@ async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None
         return {"matvec": cache[key]["matvec"]}, "cached", key
     variants = space(await subgroup_size(engine.backend, engine.kernels))
     norm = next((w for w in engine.weights.values() if w.rows == 1 and w.cols == engine.args.dim), None)
-    if norm is None or not any(v.get("xshare") for v in variants):
-        times = await measure_variants(engine, weight, variants)
-    else:
-        times = step_costs(engine, weight, variants, await measure_variants(engine, weight, variants, norm=norm))
+    times = await measure_variants(engine, weight, variants, norm=norm)
+    if norm is not None:
+        times = step_costs(engine, weight, variants, times)
     return {"matvec": dict(variants[times.index(min(times))])}, "measured", key
 
 

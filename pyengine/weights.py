@@ -10,7 +10,7 @@ from __future__ import annotations
 from .errors import UnsupportedModelError
 from .gpu import Binding, Dispatch, split_workgroups
 from .graph import Weight
-from .kernels import GGUF_BLOCKS, REPACKED_QTYPES, TEXTURE_WIDTH, packed_nbytes, texture_rows
+from .kernels import GGUF_BLOCKS, REPACKED_QTYPES, TEXTURE_ROW_BYTES, packed_nbytes, texture_rows
 
 STAGING_BYTES = 16 << 20    # raw bytes repacked per dispatch: the staging buffer's size at most
 
@@ -44,9 +44,10 @@ async def upload_weight(backend, kernels, name: str, qtype: str, rows: int, cols
             label = name if row0 == 0 and n == rows else f"{name} rows {row0}-{row0 + n - 1}"
             nbytes = packed_nbytes(qtype, n, cols)
             if texture:     # packed in a buffer of whole texture rows, then copied into its texture
-                buf = backend.create_buffer(texture_rows(nbytes) * TEXTURE_WIDTH * 16, label)
-                parts.append((row0, n, backend.create_texture(texture_rows(nbytes), label)))
-                allocated += texture_rows(nbytes) * TEXTURE_WIDTH * 16
+                nbytes = texture_rows(nbytes) * TEXTURE_ROW_BYTES
+                buf = backend.create_buffer(nbytes, label)
+                parts.append((row0, n, backend.create_texture(nbytes // TEXTURE_ROW_BYTES, label)))
+                allocated += nbytes
             else:
                 buf = backend.create_buffer(nbytes, label)
                 parts.append((row0, n, buf))
@@ -86,16 +87,16 @@ def part_limit(backend, texture: bool) -> int:
     """The most packed bytes one part of a weight holds: a storage binding (the repack writes it as one),
     and for textures the largest texture too."""
     if texture:
-        return min(backend.max_storage_binding, backend.max_texture_rows * TEXTURE_WIDTH * 16)
+        return min(backend.max_storage_binding, backend.max_texture_rows * TEXTURE_ROW_BYTES)
     return backend.max_storage_binding
 
 
-def device_bytes(kernels, qtype: str, rows: int, cols: int, limit: int) -> int:
-    """GPU bytes a weight takes once uploaded: its packed bytes, in whole texture rows where textured."""
-    if not textured(kernels, rows):
-        return packed_nbytes(qtype, rows, cols)
-    return sum(texture_rows(packed_nbytes(qtype, n, cols)) * TEXTURE_WIDTH * 16
-               for _, n in split_rows(qtype, rows, cols, limit))
+def part_bytes(backend, kernels, qtype: str, rows: int, cols: int) -> list[int]:
+    """GPU bytes each part of a weight takes once uploaded (Weight.allocated is their sum): its packed
+    bytes, in whole texture rows where textured (then also the buffer it is packed in first)."""
+    texture = textured(kernels, rows)
+    sizes = [packed_nbytes(qtype, n, cols) for _, n in split_rows(qtype, rows, cols, part_limit(backend, texture))]
+    return [texture_rows(b) * TEXTURE_ROW_BYTES for b in sizes] if texture else sizes
 
 
 def _row_bytes(qtype: str, cols: int) -> int:

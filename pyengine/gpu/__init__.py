@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import GPUError
+
 
 @dataclass(frozen=True)
 class Binding:
@@ -63,6 +65,15 @@ class Backend:
     def copy_to_texture(self, buf, tex) -> None:
         """The first bytes of `buf` (as many as `tex` holds; queued after earlier writes) into `tex`."""
         raise NotImplementedError
+
+    def _texture_bytes(self, rows: int, label: str) -> int:
+        """The bytes a weight texture of `rows` rows takes, or why this adapter cannot make it."""
+        from ..kernels import TEXTURE_ROW_BYTES
+
+        if rows > self.max_texture_rows:
+            raise GPUError(f"texture '{label}' needs {rows} rows, more than this adapter's largest "
+                           f"({self.max_texture_rows})")
+        return rows * TEXTURE_ROW_BYTES
 
     async def read_buffer(self, buf, offset: int, size: int) -> bytes:
         raise NotImplementedError

@@ -52,14 +52,11 @@ class BrowserBackend(Backend):
     def create_texture(self, rows: int, label: str = ""):
         from ..kernels import TEXTURE_WIDTH
 
-        if rows > self.max_texture_rows:
-            raise GPUError(f"texture '{label}' needs {rows} rows, more than this adapter's largest "
-                           f"({self.max_texture_rows})")
+        size = self._texture_bytes(rows, label)
         self.calls += 1
         tid = self.r.createTexture(TEXTURE_WIDTH, rows, label)
         if tid < 0:
             raise GPUError(f"could not allocate a texture of {rows} rows for '{label}': {self.r.lastError()}")
-        size = rows * TEXTURE_WIDTH * 16
         self.bytes_allocated += size
         return JSBuffer(tid, size, label)
 

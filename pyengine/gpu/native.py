@@ -121,16 +121,13 @@ class NativeBackend(Backend):
     def create_texture(self, rows: int, label: str = ""):
         from ..kernels import TEXTURE_WIDTH
 
-        if rows > self.max_texture_rows:
-            raise GPUError(f"texture '{label}' needs {rows} rows, more than this adapter's largest "
-                           f"({self.max_texture_rows})")
+        size = self._texture_bytes(rows, label)
         t = self._wgpu.TextureUsage
         try:
             tex = self.device.create_texture(size=(TEXTURE_WIDTH, rows, 1), format="rgba32uint",
                                              usage=t.TEXTURE_BINDING | t.COPY_DST, label=label)
         except Exception as e:
             raise GPUError(f"could not allocate a texture of {rows} rows for '{label}': {e}") from None
-        size = rows * TEXTURE_WIDTH * 16
         self.bytes_allocated += size
         self._live[id(tex)] = size
         self._views[id(tex)] = (tex, tex.create_view())
