@@ -18,7 +18,8 @@ from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError,
 from .gguf import GGUFFile, read_gguf
 from .gpu import Binding, open_backend
 from .graph import GraphBuilder, ScratchPool
-from .kernels import BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TOPK, TOPK_CHUNK, UNIFORM_BYTES, Kernels
+from .kernels import (BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TEXTURE_WIDTH, TOPK, TOPK_CHUNK, UNIFORM_BYTES,
+                      Kernels, kv_texture_rows)
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
 from . import tuning as autotune
@@ -53,24 +54,51 @@ class FileWeights:
 
 
 class KVCache:
-    def __init__(self, backend, n_layers, context, n_kv_heads, head_dim, f16=False):
+    """Each layer's k and v cache: storage buffers, or on adapters that read textures faster
+    (textures=True, kernels.Kernels.kv_textures) textures that kernels write as storage textures in
+    the RoPE dispatch and fetch texels from in attention (shaders/_common.wgsl.j2: kv_binding)."""
+
+    def __init__(self, backend, n_layers, context, n_kv_heads, head_dim, f16=False, textures=False):
         self.context = context
         self.f16 = f16
-        per = context * n_kv_heads * head_dim * (2 if f16 else 4)
-        if per > backend.max_storage_binding:
+        self.textures, per = kv_layout(backend, context, n_kv_heads, head_dim, f16, textures)
+        if not self.textures and per > backend.max_storage_binding:
             raise PyEngineError(
                 f"a context of {context} tokens needs {per} bytes of KV cache per layer, more than "
                 f"this GPU binds at once ({backend.max_storage_binding}); use a smaller context")
+        rows = kv_texture_rows(context, n_kv_heads, head_dim)
+        fmt = "rg32uint" if f16 else "rgba32uint"
+
+        def make(label):
+            if self.textures:
+                return backend.create_texture(rows, label, fmt, storage=True)
+            return backend.create_buffer(per, label)
+
         self.k, self.v = [], []
         try:
             for i in range(n_layers):
-                self.k.append(backend.create_buffer(per, f"k cache {i}"))
-                self.v.append(backend.create_buffer(per, f"v cache {i}"))
+                self.k.append(make(f"k cache {i}"))
+                self.v.append(make(f"v cache {i}"))
         except BaseException:
             for b in self.k + self.v:
                 backend.destroy_buffer(b)
             raise
         self.nbytes = 2 * n_layers * per
+
+    async def read(self, backend, which: str, layer: int, nbytes: int) -> bytes:
+        """The first `nbytes` of layer `layer`'s k or v cache (`which`), as the kernels laid them out."""
+        store = (self.k if which == "k" else self.v)[layer]
+        if self.textures:
+            return await backend.read_texture(store, nbytes)
+        return await backend.read_buffer(store, 0, nbytes)
+
+
+def kv_layout(backend, context, n_kv_heads, head_dim, f16, textures) -> tuple[bool, int]:
+    """Whether a KV cache asked for in textures gets them (its layers fit the adapter's largest
+    texture), and the bytes a layer's k or v then takes."""
+    if textures and kv_texture_rows(context, n_kv_heads, head_dim) <= backend.max_texture_rows:
+        return True, kv_texture_rows(context, n_kv_heads, head_dim) * TEXTURE_WIDTH * (8 if f16 else 16)
+    return False, context * n_kv_heads * head_dim * (2 if f16 else 4)
 
 
 class State:
@@ -271,7 +299,7 @@ class Engine:
         a = self.args
         self.state = State(self.backend, a.vocab_size, self.max_chunk)
         self.state.kv = KVCache(self.backend, a.n_layers, self.context_length, a.n_kv_heads, a.head_dim,
-                                f16=self.kv_f16)
+                                f16=self.kv_f16, textures=self.kernels.kv_textures)
 
     def close(self) -> None:
         """Frees every GPU buffer this engine allocated; the engine cannot run afterwards."""
@@ -377,7 +405,7 @@ class Engine:
                       default=0)
         # a textured weight is packed in a buffer first, one part at a time
         staging += max((max(parts[key]) for key, _, _, r, _ in self._tensor_shapes() if textured(k, r)), default=0)
-        kv = 2 * a.n_layers * self.context_length * a.n_kv_heads * a.head_dim * (2 if self.kv_f16 else 4)
+        kv = 2 * a.n_layers * self._kv_layout()[1]
         # activations of the largest prefill chunk: the widest tensors a layer keeps alive at once
         q_width = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim
         working = (self.max_chunk * 4 * (3 * a.dim + q_width + 2 * a.ffn_dim) + 12 * UNIFORM_BYTES
@@ -385,10 +413,15 @@ class Engine:
         return {"weights": weights, "kv_cache": kv, "working": working, "upload_staging": staging,
                 "total": weights + kv + working + staging}
 
+    def _kv_layout(self) -> tuple[bool, int]:
+        a = self.args
+        return kv_layout(self.backend, self.context_length, a.n_kv_heads, a.head_dim, self.kv_f16,
+                         self.kernels.kv_textures)
+
     def _check_memory(self, limit: int | None):
         a = self.args
-        per_layer = self.context_length * a.n_kv_heads * a.head_dim * (2 if self.kv_f16 else 4)
-        if per_layer > self.backend.max_storage_binding:
+        textures, per_layer = self._kv_layout()
+        if not textures and per_layer > self.backend.max_storage_binding:
             raise PyEngineError(
                 f"a context of {self.context_length} tokens needs {per_layer} bytes of KV cache per layer, more "
                 f"than this GPU binds at once ({self.backend.max_storage_binding}); use a smaller context")

@@ -136,6 +136,9 @@ class GraphBuilder:
         self.s = state          # persistent buffers: step, kv cache, logits, counts, results
         self.m_cap = m_cap
         self.dispatches: list[Dispatch] = []
+        # the last fused mat-vec of several weights: (its dispatch's index, family, parameters, constants,
+        # bindings, workgroups, label, its outputs), for rope_attention to fold RoPE into (_fold_rope)
+        self._fused: tuple | None = None
         self.s.pool.begin()
 
     # -- helpers ------------------------------------------------------------
@@ -282,8 +285,11 @@ class GraphBuilder:
             binds[slot] = w.buffer
             self._words(binds, w, words, w.buffer)
             consts.update({f"N{i}": w.rows, f"G{i}": sum(groups[:i - 1]), f"OFF{i}": offsets[i - 1] // F32})
-        self._dispatch("matvec", params, consts, binds, sum(groups), "store " + " ".join(w.name for w in ws))
-        return [out.view(o, w.rows) for o, w in zip(offsets, ws)]
+        label = "store " + " ".join(w.name for w in ws)
+        self._dispatch("matvec", params, consts, binds, sum(groups), label)
+        outs = [out.view(o, w.rows) for o, w in zip(offsets, ws)]
+        self._fused = (len(self.dispatches) - 1, params, consts, binds, sum(groups), label, outs)
+        return outs
 
     def _matvec_variant(self, w: Weight, x: Tensor, **extra):
         """The mat-vec's parameters for weight `w`, the binding of its input and its rows per workgroup."""
@@ -350,12 +356,12 @@ class GraphBuilder:
                 attn_factor: float = 1.0, pos_scale: float = 1.0) -> None:
         """Rotates q in place and writes rotated k and v into the layer's cache at the step's positions."""
         cache = self.s.kv
-        work = q.rows * (n_heads + 2 * n_kv_heads) * head_dim // 2
+        work = q.rows * (n_heads * head_dim // 2 + 2 * n_kv_heads * head_dim // 4)   # q's pairs, k's and v's vec4s
         binds = {0: q.bind(), 1: k.bind(), 2: v.bind(), 3: cache.k[layer], 4: cache.v[layer], 5: self._step()}
         if freq_factors is not None:
             binds[6] = freq_factors.buffer
         params, consts = self._rope(n_rot, base, mode, freq_factors, attn_factor, pos_scale)
-        self._dispatch("rope", {**params, "kv_f16": cache.f16, "f16": cache.f16},
+        self._dispatch("rope", {**params, "kv_f16": cache.f16, "f16": cache.f16, "kvtex": cache.textures},
                        {**consts, "NH": n_heads, "NKV": n_kv_heads, "HD": head_dim}, binds, -(-work // 64),
                        f"rope_kv {layer}")
 
@@ -372,7 +378,8 @@ class GraphBuilder:
                        scale: float | None = None, window: int = 0) -> Tensor:
         """RoPE on q and k, k and v into the layer's cache, then attention (see rope_kv and attention).
         For one token, where a workgroup of the decode attention holds every query head of its kv head,
-        the attention does the RoPE and the cache write itself: a dispatch a layer fewer."""
+        the attention does the RoPE and the cache write itself: a dispatch a layer fewer (not where the
+        cache lies in textures, which a dispatch cannot both write and read)."""
         rope = {"k": k, "v": v, "n_rot": n_rot, "base": base, "mode": mode, "freq_factors": freq_factors,
                 "attn_factor": attn_factor, "pos_scale": pos_scale}
         return self.attention(q, layer, n_heads, n_kv_heads, head_dim, scale, window, rope=rope)
@@ -383,7 +390,7 @@ class GraphBuilder:
         With `rope` (rope_attention's), q and the step's k and v are rotated and cached first."""
         cache = self.s.kv
         out = self._tensor(q.cols, q.rows)
-        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16)
+        params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, kvtex=cache.textures)
         split, group = params.pop("decode_split"), params.pop("decode_group")
         per_kv = n_heads // n_kv_heads
         if q.rows == 1:      # decode: each head's keys split over a workgroup
@@ -400,8 +407,11 @@ class GraphBuilder:
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}
         binds = {0: q.bind(), 1: cache.k[layer], 2: cache.v[layer], 3: out.bind(), 4: self._step()}
+        if rope is not None and q.rows == 1 and cache.textures and self._fold_rope(q, layer, n_kv_heads, head_dim, rope):
+            rope = None
         if rope is not None:
-            if q.rows == 1 and params["group"] == per_kv:     # each kv head's k and v written by one workgroup
+            # each kv head's k and v written by one workgroup, into a cache it may also read (buffers)
+            if q.rows == 1 and params["group"] == per_kv and not cache.textures:
                 rp, rc = self._rope(**{n: a for n, a in rope.items() if n not in ("k", "v")})
                 params.update(rope=True, **rp)
                 consts.update(rc)
@@ -415,6 +425,29 @@ class GraphBuilder:
             groups = n_heads * consts["BLOCKS"]
         self._dispatch("attention", params, consts, binds, groups, f"attention {layer}")
         return out
+
+    def _fold_rope(self, q: Tensor, layer: int, n_kv_heads: int, head_dim: int, rope: dict) -> bool:
+        """For one token whose q, k and v the last dispatch made (a fused mat-vec of the three), RoPE
+        ("norm" pairs) and the cache write in that mat-vec's epilogue (shaders/matvec.wgsl.j2: rope),
+        where the decode attention cannot take them: a dispatch a layer fewer. Whether it did."""
+        f = self._fused
+        if f is None or f[0] != len(self.dispatches) - 1 or len(f[6]) != 3 or f[6][0] is not q:
+            return False
+        index, params, consts, binds, groups, label, (_, k, v) = f
+        if (rope["k"] is not k or rope["v"] is not v or rope["mode"] != "norm" or params["rows"] % 4
+                or head_dim % 4 or rope["n_rot"] % 2):
+            return False
+        cache = self.s.kv
+        rp, rc = self._rope(**{n: a for n, a in rope.items() if n not in ("k", "v")})
+        binds = {**binds, 9: self._step(), 10: cache.k[layer], 11: cache.v[layer]}
+        if rope["freq_factors"] is not None:
+            binds[12] = rope["freq_factors"].buffer
+        self.dispatches.pop()
+        self._dispatch("matvec", {**params, "rope": True, "freq_factors": rp["freq_factors"],
+                                  "kv_f16": cache.f16, "kvtex": cache.textures},
+                       {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds, groups, label + " rope")
+        self._fused = None
+        return True
 
     def logits(self, x: Tensor, head: Weight) -> None:
         """The output head into the logits buffer, then penalties, temperature and top-k on the GPU."""

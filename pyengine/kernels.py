@@ -89,7 +89,7 @@ class Kernels:
         self.env = jinja2.Environment(loader=_shader_loader(), undefined=jinja2.StrictUndefined,
                                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
         self.env.globals.update(QUADS=QUAD_QTYPES, tex_width=TEXTURE_WIDTH,
-                                tex_shift=TEXTURE_WIDTH.bit_length() - 1)
+                                tex_shift=TEXTURE_WIDTH.bit_length() - 1, fail=_template_error)
         self._pipelines: dict = {}
         self.tuning: dict = {}      # op -> parameters measured best on this adapter (pyengine/tuning.py)
         self.device_params = {
@@ -97,8 +97,10 @@ class Kernels:
             "subgroups": "subgroups" in backend.features,
             "f16": False,
             "wtex": False,          # set per weight: Weight.texture
+            "kvtex": False,         # set per cache: KVCache.textures
         }
         self.weight_textures = weight_textures(backend)
+        self.kv_textures = _textures(backend, "PYENGINE_KV")
 
     def render(self, family: str, **params) -> str:
         p = dict(self.device_params)
@@ -147,14 +149,29 @@ def weight_textures(backend) -> bool:
     """Whether weight matrices go into textures on this backend (shaders/_quant.wgsl.j2: weight_binding):
     on CPU adapters, whose texel fetches are plain vector loads; GPUs keep storage buffers.
     PYENGINE_WEIGHTS=textures|buffers chooses instead (the kernel tests run both)."""
-    choice = os.environ.get("PYENGINE_WEIGHTS", "")
+    return _textures(backend, "PYENGINE_WEIGHTS")
+
+
+def _textures(backend, variable: str) -> bool:
+    """Textures on CPU adapters, unless `variable` (textures|buffers) says otherwise: the weights'
+    choice (PYENGINE_WEIGHTS) or the KV cache's (PYENGINE_KV, shaders/_common.wgsl.j2: kv_binding)."""
+    choice = os.environ.get(variable, "")
     if choice not in ("", "textures", "buffers"):
-        raise ValueError(f"PYENGINE_WEIGHTS={choice!r}: use textures or buffers")
+        raise ValueError(f"{variable}={choice!r}: use textures or buffers")
     if choice:
         return choice == "textures" and backend.max_texture_rows > 0
     from .tuning import is_cpu
 
     return is_cpu(backend) and backend.max_texture_rows > 0
+
+
+def kv_texture_rows(context: int, n_kv_heads: int, head_dim: int) -> int:
+    """Rows of a layer's k (or v) cache texture: a texel a vec4 of a head (kv_binding)."""
+    return max(1, -(-context * n_kv_heads * (head_dim // 4) // TEXTURE_WIDTH))
+
+
+def _template_error(message: str):
+    raise ValueError(f"kernel template: {message}")
 
 
 def texture_rows(nbytes: int) -> int:

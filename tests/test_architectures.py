@@ -22,6 +22,9 @@ MODELS = {
     # Llama 3 style: frequency factors, the K-quants of a Q4_K_M file
     "llama3": dict(arch="llama", dim=256, n_heads=4, n_kv_heads=2, ffn=512, rope_freqs=True, qtypes=K_TYPES,
                    rope_base=500000.0),
+    # q, k and v of one type: one fused mat-vec in decode, which takes RoPE in where the cache lies in textures
+    "llama3-q4": dict(arch="llama", dim=256, n_heads=4, n_kv_heads=2, ffn=512, rope_freqs=True, rope_base=500000.0,
+                      qtypes={"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1"}),
     "qwen2": dict(arch="qwen2", qtypes=SMALL_TYPES, tied=True),
     "qwen3": dict(arch="qwen3", dim=256, n_heads=4, n_kv_heads=2, head_dim=64, ffn=512, qtypes=K_TYPES,
                   rope_base=1e6),
@@ -67,15 +70,25 @@ def test_greedy_continuation_matches_the_reference(model):
     assert gen.tokens == ref.greedy(ids, 16), name
 
 
-def test_decode_folds_rope_into_attention_where_a_workgroup_holds_a_kv_head(model):
-    """On CPU adapters a decode attention workgroup takes up to 4 query heads of one kv head (within 8 KB
-    of partial outputs): where that is all of them it rotates q and k and writes the cache itself; Gemma 3
-    here has 4 heads of 128 dimensions on its one kv head, 2 a workgroup, so RoPE keeps its dispatch."""
+def test_decode_folds_rope_into_another_dispatch_where_it_can(model):
+    """Decode RoPE and the cache write, without a dispatch of their own where they can:
+    - a cache in buffers: in the attention, on CPU adapters, whose decode attention workgroup takes up to
+      4 query heads of one kv head (within 8 KB of partial outputs) where that is all of them (Gemma 3
+      here has 4 heads of 128 dimensions on its one kv head, 2 a workgroup, so RoPE keeps its dispatch);
+    - a cache in textures (CPU adapters unless PYENGINE_KV=buffers), which a dispatch cannot write and
+      read: in the mat-vec of q, k and v where one makes all three (one quant type, no bias, no q and
+      k norms) and RoPE rotates "norm" pairs (the Llama family's)."""
     name, engine, _ = model
-    families = [d.family for d in engine.decode_plan.dispatches]
+    dispatches = engine.decode_plan.dispatches
+    families = [d.family for d in dispatches]
     layers = engine.args.n_layers
     assert families.count("attention") == layers
-    folded = name != "gemma3" if tuning.is_cpu(engine.backend) else False
+    textures = engine.state.kv.textures
+    if textures:
+        folded = name == "llama3-q4"
+        assert sum(d.label.endswith(" rope") for d in dispatches if d.family == "matvec") == (layers if folded else 0)
+    else:
+        folded = name != "gemma3" and tuning.is_cpu(engine.backend)
     assert families.count("rope") == (0 if folded else layers), (name, families)
 
 

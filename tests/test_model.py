@@ -240,10 +240,36 @@ def test_unsupported_architecture_and_quant_type_are_named(tmp_path, backend):
         Engine.load(path, backend)
 
 
+def kv_layer_bytes(context, textures, kv_heads=1, head_dim=32):
+    """A layer's k (or v) cache in f32: whole texture rows of 1024 vec4 texels, or a buffer of the values."""
+    if textures:
+        return -(-context * kv_heads * head_dim // 4 // 1024) * 1024 * 16
+    return context * kv_heads * head_dim * 4
+
+
 def test_kv_cache_is_sized_from_the_context_option(tiny_llama, backend):
     e = Engine.load(tiny_llama, backend, context_length=50)
     assert e.state.kv.context == 50
-    assert e.state.kv.nbytes == 2 * 2 * 50 * 1 * 32 * 4   # k and v, 2 layers, 1 kv head of 32
+    # textures where this adapter reads them faster (CPU adapters, unless PYENGINE_KV says otherwise)
+    assert e.state.kv.textures == e.kernels.kv_textures
+    assert e.state.kv.nbytes == 2 * 2 * kv_layer_bytes(50, e.state.kv.textures)   # k and v, 2 layers, 1 kv head of 32
+    e.close()
+
+
+def test_a_cache_too_big_for_one_texture_lies_in_buffers_and_changes_no_token(tiny_llama, backend, monkeypatch):
+    monkeypatch.setenv("PYENGINE_KV", "textures")
+    e = Engine.load(tiny_llama, backend, context_length=300)      # 300 positions of 8 texels: 3 rows
+    ids = e.tokenizer.encode("the cat sat on the mat")
+    want = np.array(asyncio.run(e.logits(ids)))
+    want_tokens = greedy(e, ids, 8)
+    assert e.state.kv.textures
+    e.close()
+    monkeypatch.setattr(backend, "max_texture_rows", 2)
+    small = Engine.load(tiny_llama, backend, context_length=300)
+    assert not small.state.kv.textures and small.state.kv.nbytes == 2 * 2 * kv_layer_bytes(300, False)
+    np.testing.assert_allclose(np.array(asyncio.run(small.logits(ids))), want, atol=1e-5)
+    assert greedy(small, ids, 8) == want_tokens
+    small.close()
 
 
 def test_a_small_binding_limit_splits_big_tensors_and_changes_no_logit(tiny_llama, backend, monkeypatch):
@@ -268,10 +294,11 @@ def test_the_memory_a_model_needs_is_stated_before_loading_and_a_limit_refuses_i
     unloaded = Engine(g, backend, context_length=64)               # nothing uploaded yet
     plan = unloaded.memory_plan()
     unloaded.close()
-    assert plan["weights"] > 0 and plan["kv_cache"] == 2 * 2 * 64 * 1 * 32 * 4
+    assert plan["weights"] > 0 and plan["kv_cache"] == 2 * 2 * kv_layer_bytes(64, unloaded.kernels.kv_textures)
     assert plan["total"] == plan["weights"] + plan["kv_cache"] + plan["working"] + plan["upload_staging"]
     with pytest.raises(GPUError, match=r"this model needs \d+ MB of GPU memory .* but the limit is 0 MB"):
         Engine(g, backend, context_length=64, gpu_memory_limit=100_000)
     loaded = Engine.load(tiny_llama, backend, context_length=64)
     assert loaded.memory["weights"] == sum(w.allocated for w in loaded.weights.values())
+    assert loaded.memory["kv_cache"] == loaded.state.kv.nbytes
     loaded.close()

@@ -85,15 +85,17 @@ export class Replayer {
     return this._make(() => this.device.createBuffer({ size, usage: BUFFER_USAGE(), label }));
   }
 
-  // a weight texture (pyengine/gpu/__init__.py: create_texture): rgba32uint, `width` texels by `rows`; its
-  // bindings use one view, made here
-  createTexture(width, rows, label) {
+  // a texture (pyengine/gpu/__init__.py: create_texture): `format` (texels of `texelBytes`), `width` texels
+  // by `rows`, which kernels may also write where `storage`; its bindings use one view, made here
+  createTexture(width, rows, label, format, texelBytes, storage) {
     return this._make(() => {
       const texture = this.device.createTexture({
-        size: [width, rows], format: "rgba32uint", label,
-        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
+        size: [width, rows], format, label,
+        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST | GPUTextureUsage.COPY_SRC
+          | (storage ? GPUTextureUsage.STORAGE_BINDING : 0),
       });
       texture.view = texture.createView();
+      texture.texelBytes = texelBytes;
       return texture;
     });
   }
@@ -102,9 +104,28 @@ export class Replayer {
     this._check();
     const texture = this._get(texId);
     const enc = this.device.createCommandEncoder();
-    enc.copyBufferToTexture({ buffer: this._get(bufId), bytesPerRow: texture.width * 16, rowsPerImage: texture.height },
+    enc.copyBufferToTexture({ buffer: this._get(bufId), bytesPerRow: texture.width * texture.texelBytes, rowsPerImage: texture.height },
       { texture }, [texture.width, texture.height]);
     this.device.queue.submit([enc.finish()]);
+  }
+
+  // the first `size` bytes of texture `texId`, texel after texel, row after row
+  async readTexture(texId, size) {
+    this._check();
+    const texture = this._get(texId);
+    const bytesPerRow = texture.width * texture.texelBytes;
+    const rows = Math.min(texture.height, Math.ceil(size / bytesPerRow));
+    const buffer = this.device.createBuffer({ size: bytesPerRow * rows, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    try {
+      const enc = this.device.createCommandEncoder();
+      enc.copyTextureToBuffer({ texture }, { buffer, bytesPerRow, rowsPerImage: rows }, [texture.width, rows]);
+      this.device.queue.submit([enc.finish()]);
+      await buffer.mapAsync(GPUMapMode.READ);
+      this._check();
+      return new Uint8Array(buffer.getMappedRange(0, size).slice(0));
+    } finally {
+      buffer.destroy();
+    }
   }
 
   destroyBuffer(id) {
@@ -148,7 +169,7 @@ export class Replayer {
         const pipeline = this._get(pid);
         const entries = binds.map(([binding, bid, offset, size]) => {
           const o = this._get(bid);
-          if (o.view) return { binding, resource: o.view };     // a weight texture
+          if (o.view) return { binding, resource: o.view };     // a texture
           const resource = { buffer: o, offset };
           if (size >= 0) resource.size = size;
           return { binding, resource };

@@ -37,6 +37,9 @@ class Plan:
     label: str = ""
 
 
+TEXEL_BYTES = {"rgba32uint": 16, "rg32uint": 8}     # the texture formats kernels read
+
+
 class Backend:
     """What the engine needs from a GPU. Buffer handles are opaque to callers."""
 
@@ -57,23 +60,32 @@ class Backend:
     def write_buffer(self, buf, offset: int, data) -> None:
         raise NotImplementedError
 
-    def create_texture(self, rows: int, label: str = ""):
-        """A 2D rgba32uint texture of kernels.TEXTURE_WIDTH texels by `rows` that kernels read with
-        textureLoad, bound like a buffer (Binding(texture)); destroy_buffer frees it."""
+    def create_texture(self, rows: int, label: str = "", fmt: str = "rgba32uint", storage: bool = False):
+        """A 2D texture of kernels.TEXTURE_WIDTH texels by `rows` that kernels read with textureLoad,
+        bound like a buffer (Binding(texture)); destroy_buffer frees it. `fmt`: one of TEXEL_BYTES
+        (rgba32uint: weights and the f32 KV cache; rg32uint: the f16 one). `storage`: kernels may
+        also write it (bound as a write-only storage texture, in dispatches that do not read it)."""
         raise NotImplementedError
 
     def copy_to_texture(self, buf, tex) -> None:
         """The first bytes of `buf` (as many as `tex` holds; queued after earlier writes) into `tex`."""
         raise NotImplementedError
 
-    def _texture_bytes(self, rows: int, label: str) -> int:
-        """The bytes a weight texture of `rows` rows takes, or why this adapter cannot make it."""
-        from ..kernels import TEXTURE_ROW_BYTES
+    async def read_texture(self, tex, size: int) -> bytes:
+        """The first `size` bytes of `tex`, texel after texel, row after row (as copy_to_texture
+        wrote them)."""
+        raise NotImplementedError
 
+    def _texture_bytes(self, rows: int, label: str, fmt: str = "rgba32uint") -> int:
+        """The bytes a texture of `rows` rows takes, or why this adapter cannot make it."""
+        from ..kernels import TEXTURE_WIDTH
+
+        if fmt not in TEXEL_BYTES:
+            raise GPUError(f"texture '{label}': format {fmt} is not one of {', '.join(TEXEL_BYTES)}")
         if rows > self.max_texture_rows:
             raise GPUError(f"texture '{label}' needs {rows} rows, more than this adapter's largest "
                            f"({self.max_texture_rows})")
-        return rows * TEXTURE_ROW_BYTES
+        return rows * TEXTURE_WIDTH * TEXEL_BYTES[fmt]
 
     async def read_buffer(self, buf, offset: int, size: int) -> bytes:
         raise NotImplementedError

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ..errors import GPUError
-from . import Backend, Plan
+from . import TEXEL_BYTES, Backend, Plan
 
 
 class JSBuffer:
@@ -49,12 +49,12 @@ class BrowserBackend(Backend):
         self.bytes_allocated += size
         return JSBuffer(bid, size, label)
 
-    def create_texture(self, rows: int, label: str = ""):
+    def create_texture(self, rows: int, label: str = "", fmt: str = "rgba32uint", storage: bool = False):
         from ..kernels import TEXTURE_WIDTH
 
-        size = self._texture_bytes(rows, label)
+        size = self._texture_bytes(rows, label, fmt)
         self.calls += 1
-        tid = self.r.createTexture(TEXTURE_WIDTH, rows, label)
+        tid = self.r.createTexture(TEXTURE_WIDTH, rows, label, fmt, TEXEL_BYTES[fmt], storage)
         if tid < 0:
             raise GPUError(f"could not allocate a texture of {rows} rows for '{label}': {self.r.lastError()}")
         self.bytes_allocated += size
@@ -63,6 +63,11 @@ class BrowserBackend(Backend):
     def copy_to_texture(self, buf, tex) -> None:
         self.calls += 1
         self.r.copyToTexture(buf.id, tex.id)
+
+    async def read_texture(self, tex, size: int) -> bytes:
+        self.calls += 1
+        out = await self.r.readTexture(tex.id, min(size, tex.size))
+        return bytes(out.to_py())
 
     def destroy_buffer(self, buf) -> None:
         self.calls += 1

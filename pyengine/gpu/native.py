@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import GPUError
-from . import Backend, Plan
+from . import TEXEL_BYTES, Backend, Plan
 
 
 def _quiet_vulkan_loader():
@@ -118,14 +118,14 @@ class NativeBackend(Backend):
         self._views.pop(id(buf), None)
         buf.destroy()
 
-    def create_texture(self, rows: int, label: str = ""):
+    def create_texture(self, rows: int, label: str = "", fmt: str = "rgba32uint", storage: bool = False):
         from ..kernels import TEXTURE_WIDTH
 
-        size = self._texture_bytes(rows, label)
+        size = self._texture_bytes(rows, label, fmt)
         t = self._wgpu.TextureUsage
+        usage = t.TEXTURE_BINDING | t.COPY_DST | t.COPY_SRC | (t.STORAGE_BINDING if storage else 0)
         try:
-            tex = self.device.create_texture(size=(TEXTURE_WIDTH, rows, 1), format="rgba32uint",
-                                             usage=t.TEXTURE_BINDING | t.COPY_DST, label=label)
+            tex = self.device.create_texture(size=(TEXTURE_WIDTH, rows, 1), format=fmt, usage=usage, label=label)
         except Exception as e:
             raise GPUError(f"could not allocate a texture of {rows} rows for '{label}': {e}") from None
         self.bytes_allocated += size
@@ -133,12 +133,30 @@ class NativeBackend(Backend):
         self._views[id(tex)] = (tex, tex.create_view())
         return tex
 
-    def copy_to_texture(self, buf, tex) -> None:
+    @staticmethod
+    def _texel_layout(tex) -> tuple[dict, tuple]:
+        """A buffer layout of `tex`'s texels, row after row, and its extent."""
         w, rows, _ = tex.size
+        return {"offset": 0, "bytes_per_row": w * TEXEL_BYTES[tex.format], "rows_per_image": rows}, (w, rows, 1)
+
+    def copy_to_texture(self, buf, tex) -> None:
+        layout, extent = self._texel_layout(tex)
         enc = self.device.create_command_encoder()
-        enc.copy_buffer_to_texture({"buffer": buf, "offset": 0, "bytes_per_row": w * 16, "rows_per_image": rows},
-                                   {"texture": tex}, (w, rows, 1))
+        enc.copy_buffer_to_texture({"buffer": buf, **layout}, {"texture": tex}, extent)
         self.queue.submit([enc.finish()])
+
+    async def read_texture(self, tex, size: int) -> bytes:
+        layout, extent = self._texel_layout(tex)
+        nbytes = layout["bytes_per_row"] * extent[1]
+        buf = self.device.create_buffer(size=nbytes, usage=self._wgpu.BufferUsage.COPY_DST
+                                        | self._wgpu.BufferUsage.COPY_SRC)
+        try:
+            enc = self.device.create_command_encoder()
+            enc.copy_texture_to_buffer({"texture": tex}, {"buffer": buf, **layout}, extent)
+            self.queue.submit([enc.finish()])
+            return bytes(self.queue.read_buffer(buf, 0, min(size, nbytes)))
+        finally:
+            buf.destroy()
 
     def write_buffer(self, buf, offset: int, data) -> None:
         self.queue.write_buffer(buf, offset, data)
