@@ -55,8 +55,9 @@ class FileWeights:
 
 class KVCache:
     """Each layer's k and v cache: storage buffers, or on adapters that read textures faster
-    (textures=True, kernels.Kernels.kv_textures) textures that kernels write as storage textures in
-    the RoPE dispatch and fetch texels from in attention (shaders/_common.wgsl.j2: kv_binding)."""
+    (textures=True, kernels.Kernels.kv_textures) textures, which the RoPE kernel or the q/k/v mat-vec
+    (graph.GraphBuilder._fold_rope) write as storage textures and attention fetches texels from
+    (shaders/_common.wgsl.j2: kv_binding)."""
 
     def __init__(self, backend, n_layers, context, n_kv_heads, head_dim, f16=False, textures=False):
         self.context = context

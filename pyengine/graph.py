@@ -136,8 +136,8 @@ class GraphBuilder:
         self.s = state          # persistent buffers: step, kv cache, logits, counts, results
         self.m_cap = m_cap
         self.dispatches: list[Dispatch] = []
-        # the last fused mat-vec of several weights: (its dispatch's index, family, parameters, constants,
-        # bindings, workgroups, label, its outputs), for rope_attention to fold RoPE into (_fold_rope)
+        # the last fused mat-vec of several weights: (its dispatch's index, parameters, constants, bindings,
+        # workgroups, label, its outputs), for rope_attention to fold RoPE into (_fold_rope)
         self._fused: tuple | None = None
         self.s.pool.begin()
 
@@ -407,7 +407,8 @@ class GraphBuilder:
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}
         binds = {0: q.bind(), 1: cache.k[layer], 2: cache.v[layer], 3: out.bind(), 4: self._step()}
-        if rope is not None and q.rows == 1 and cache.textures and self._fold_rope(q, layer, n_kv_heads, head_dim, rope):
+        if rope is not None and q.rows == 1 and cache.textures and self._fold_rope(q, layer, n_kv_heads,
+                                                                                   head_dim, rope):
             rope = None
         if rope is not None:
             # each kv head's k and v written by one workgroup, into a cache it may also read (buffers)
@@ -433,7 +434,7 @@ class GraphBuilder:
         f = self._fused
         if f is None or f[0] != len(self.dispatches) - 1 or len(f[6]) != 3 or f[6][0] is not q:
             return False
-        index, params, consts, binds, groups, label, (_, k, v) = f
+        _, params, consts, binds, groups, label, (_, k, v) = f
         if (rope["k"] is not k or rope["v"] is not v or rope["mode"] != "norm" or params["rows"] % 4
                 or head_dim % 4 or rope["n_rot"] % 2):
             return False

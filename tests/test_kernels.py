@@ -78,6 +78,7 @@ class Rig:
         g = GraphBuilder(self.k, self.state, m_cap)
         out = fn(g)
         self.families = [d.family for d in g.dispatches]     # what the last run dispatched
+        self.labels = [d.label for d in g.dispatches]
         self.be.submit(self.be.create_plan(g.dispatches))
         return out
 
@@ -492,6 +493,48 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd
         for which, want in (("k", keys), ("v", vals)):
             raw = asyncio.run(rig.state.kv.read(rig.be, which, 0, count * np.dtype(cache_dtype).itemsize))
             close(np.frombuffer(raw, cache_dtype).astype(np.float32).reshape(-1, nkv, hd), want, rtol=tol)
+
+
+@pytest.mark.parametrize("kv_f16", [False, True])
+@pytest.mark.parametrize("n_rot,factors", [(32, False), (20, True)])
+def test_decode_rope_in_the_qkv_matvec(backend, kv_f16, n_rot, factors):
+    """Decode steps through one mat-vec of q, k and v and rope_attention: where the cache lies in textures
+    RoPE and the cache write go into that mat-vec (matvec.wgsl.j2: rope); the attention and the cache as
+    RoPE on numpy's products would make them."""
+    if kv_f16 and "shader-f16" not in backend.features:
+        pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
+    nh, nkv, hd, dim, base = 6, 2, 32, 96, 10000.0
+    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
+    rng = np.random.default_rng(11)
+    (wq, q_w), (wk, k_w), (wv, v_w) = (rig.weight(rng.standard_normal((h * hd, dim)), "Q4_1", n)
+                                       for n, h in (("q", nh), ("k", nkv), ("v", nkv)))
+    ff = rng.uniform(1.0, 8.0, n_rot // 2) if factors else None
+    attn_factor = 1.2 if factors else 1.0
+    tol = 2e-3 if kv_f16 else 2e-5
+    keys, vals = np.zeros((0, nkv, hd)), np.zeros((0, nkv, hd))
+    for pos in range(4):
+        x = rng.standard_normal(dim)
+        rig.step(pos, 1)
+        xt = rig.tensor(x)
+
+        def build(g):
+            q, k, v = g.linears(xt, [wq, wk, wv])
+            return g.rope_attention(q, k, v, 0, nh, nkv, hd, n_rot, base, "norm",
+                                    freq_factors=rig.vector(ff) if factors else None, attn_factor=attn_factor)
+
+        out = rig.run(build, 1)
+        folded = sum(label.endswith(" rope") for label in rig.labels)
+        assert folded == (1 if rig.state.kv.textures else 0), rig.labels
+        assert ("rope" in rig.families) == (not folded and rig.k.variant("attention")["decode_group"] < nh // nkv)
+        kr = rope_np((k_w @ x).reshape(nkv, hd), pos, base, n_rot, "norm", ff, attn_factor)
+        keys = np.concatenate([keys, kr[None]])
+        vals = np.concatenate([vals, (v_w @ x).reshape(nkv, hd)[None]])
+        qr = rope_np((q_w @ x).reshape(nh, hd), pos, base, n_rot, "norm", ff, attn_factor)
+        close(rig.read(out, nh * hd).reshape(nh, hd), attention_np(qr, keys, vals, nh // nkv), rtol=tol)
+    cache_dtype = np.float16 if kv_f16 else np.float32
+    for which, want in (("k", keys), ("v", vals)):
+        raw = asyncio.run(rig.state.kv.read(rig.be, which, 0, want.size * np.dtype(cache_dtype).itemsize))
+        close(np.frombuffer(raw, cache_dtype).astype(np.float32).reshape(-1, nkv, hd), want, rtol=tol)
 
 
 def topk_np(logits, counts, rep, presence, frequency, inv_t):
