@@ -16,7 +16,7 @@ from .chat_template import ChatTemplate
 from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError, PyEngineError,
                      UnsupportedModelError)
 from .gguf import GGUFFile, read_gguf
-from .gpu import Binding, open_backend
+from .gpu import TEXEL_BYTES, Binding, open_backend
 from .graph import GraphBuilder, ScratchPool
 from .kernels import (BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TEXTURE_WIDTH, TOPK, TOPK_CHUNK, UNIFORM_BYTES,
                       Kernels, kv_texture_rows)
@@ -53,6 +53,10 @@ class FileWeights:
         self._f.close()
 
 
+# a texel of a KV-cache texture: a vec4 of f32s, or (f16 cache) of f16s (shaders/_common.wgsl.j2: kv_binding)
+KV_FORMATS = {False: "rgba32uint", True: "rg32uint"}
+
+
 class KVCache:
     """Each layer's k and v cache: storage buffers, or on adapters that read textures faster
     (textures=True, kernels.Kernels.kv_textures) textures, which the RoPE kernel or the q/k/v mat-vec
@@ -68,11 +72,10 @@ class KVCache:
                 f"a context of {context} tokens needs {per} bytes of KV cache per layer, more than "
                 f"this GPU binds at once ({backend.max_storage_binding}); use a smaller context")
         rows = kv_texture_rows(context, n_kv_heads, head_dim)
-        fmt = "rg32uint" if f16 else "rgba32uint"
 
         def make(label):
             if self.textures:
-                return backend.create_texture(rows, label, fmt, storage=True)
+                return backend.create_texture(rows, label, KV_FORMATS[f16], storage=True)
             return backend.create_buffer(per, label)
 
         self.k, self.v = [], []
@@ -97,8 +100,9 @@ class KVCache:
 def kv_layout(backend, context, n_kv_heads, head_dim, f16, textures) -> tuple[bool, int]:
     """Whether a KV cache asked for in textures gets them (its layers fit the adapter's largest
     texture), and the bytes a layer's k or v then takes."""
-    if textures and kv_texture_rows(context, n_kv_heads, head_dim) <= backend.max_texture_rows:
-        return True, kv_texture_rows(context, n_kv_heads, head_dim) * TEXTURE_WIDTH * (8 if f16 else 16)
+    rows = kv_texture_rows(context, n_kv_heads, head_dim)
+    if textures and rows <= backend.max_texture_rows:
+        return True, rows * TEXTURE_WIDTH * TEXEL_BYTES[KV_FORMATS[f16]]
     return False, context * n_kv_heads * head_dim * (2 if f16 else 4)
 
 

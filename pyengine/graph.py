@@ -136,8 +136,8 @@ class GraphBuilder:
         self.s = state          # persistent buffers: step, kv cache, logits, counts, results
         self.m_cap = m_cap
         self.dispatches: list[Dispatch] = []
-        # the last fused mat-vec of several weights: (its dispatch's index, parameters, constants, bindings,
-        # workgroups, label, its outputs), for rope_attention to fold RoPE into (_fold_rope)
+        # the last fused mat-vec of several weights: (its dispatch, parameters, constants, bindings, its
+        # outputs), for rope_attention to fold RoPE into (_fold_rope)
         self._fused: tuple | None = None
         self.s.pool.begin()
 
@@ -285,10 +285,9 @@ class GraphBuilder:
             binds[slot] = w.buffer
             self._words(binds, w, words, w.buffer)
             consts.update({f"N{i}": w.rows, f"G{i}": sum(groups[:i - 1]), f"OFF{i}": offsets[i - 1] // F32})
-        label = "store " + " ".join(w.name for w in ws)
-        self._dispatch("matvec", params, consts, binds, sum(groups), label)
+        self._dispatch("matvec", params, consts, binds, sum(groups), "store " + " ".join(w.name for w in ws))
         outs = [out.view(o, w.rows) for o, w in zip(offsets, ws)]
-        self._fused = (len(self.dispatches) - 1, params, consts, binds, sum(groups), label, outs)
+        self._fused = (self.dispatches[-1], params, consts, binds, outs)
         return outs
 
     def _matvec_variant(self, w: Weight, x: Tensor, **extra):
@@ -431,11 +430,10 @@ class GraphBuilder:
         """For one token whose q, k and v the last dispatch made (a fused mat-vec of the three), RoPE
         ("norm" pairs) and the cache write in that mat-vec's epilogue (shaders/matvec.wgsl.j2: rope),
         where the decode attention cannot take them: a dispatch a layer fewer. Whether it did."""
-        f = self._fused
-        if f is None or f[0] != len(self.dispatches) - 1 or len(f[6]) != 3 or f[6][0] is not q:
+        if self._fused is None or self._fused[0] is not self.dispatches[-1]:
             return False
-        _, params, consts, binds, groups, label, (_, k, v) = f
-        if (rope["k"] is not k or rope["v"] is not v or rope["mode"] != "norm" or params["rows"] % 4
+        made, params, consts, binds, outs = self._fused
+        if (outs != [q, rope["k"], rope["v"]] or rope["mode"] != "norm" or params["rows"] % 4
                 or head_dim % 4 or rope["n_rot"] % 2):
             return False
         cache = self.s.kv
@@ -446,7 +444,8 @@ class GraphBuilder:
         self.dispatches.pop()
         self._dispatch("matvec", {**params, "rope": True, "freq_factors": rp["freq_factors"],
                                   "kv_f16": cache.f16, "kvtex": cache.textures},
-                       {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds, groups, label + " rope")
+                       {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds, made.workgroups,
+                       made.label + " rope")
         self._fused = None
         return True
 

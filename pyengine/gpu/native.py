@@ -134,27 +134,27 @@ class NativeBackend(Backend):
         return tex
 
     @staticmethod
-    def _texel_layout(tex) -> tuple[dict, tuple]:
-        """A buffer layout of `tex`'s texels, row after row, and its extent."""
-        w, rows, _ = tex.size
+    def _texel_layout(tex, rows: int) -> tuple[dict, tuple]:
+        """A buffer layout of the first `rows` rows of `tex`'s texels, row after row, and their extent."""
+        w = tex.size[0]
         return {"offset": 0, "bytes_per_row": w * TEXEL_BYTES[tex.format], "rows_per_image": rows}, (w, rows, 1)
 
     def copy_to_texture(self, buf, tex) -> None:
-        layout, extent = self._texel_layout(tex)
+        layout, extent = self._texel_layout(tex, tex.size[1])
         enc = self.device.create_command_encoder()
         enc.copy_buffer_to_texture({"buffer": buf, **layout}, {"texture": tex}, extent)
         self.queue.submit([enc.finish()])
 
     async def read_texture(self, tex, size: int) -> bytes:
-        layout, extent = self._texel_layout(tex)
-        nbytes = layout["bytes_per_row"] * extent[1]
-        buf = self.device.create_buffer(size=nbytes, usage=self._wgpu.BufferUsage.COPY_DST
-                                        | self._wgpu.BufferUsage.COPY_SRC)
+        row = tex.size[0] * TEXEL_BYTES[tex.format]
+        layout, extent = self._texel_layout(tex, min(tex.size[1], -(-size // row)))
+        u = self._wgpu.BufferUsage
+        buf = self.device.create_buffer(size=row * extent[1], usage=u.COPY_DST | u.COPY_SRC)
         try:
             enc = self.device.create_command_encoder()
             enc.copy_texture_to_buffer({"texture": tex}, {"buffer": buf, **layout}, extent)
             self.queue.submit([enc.finish()])
-            return bytes(self.queue.read_buffer(buf, 0, min(size, nbytes)))
+            return bytes(self.queue.read_buffer(buf, 0, min(size, row * extent[1])))
         finally:
             buf.destroy()
 
