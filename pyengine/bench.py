@@ -34,10 +34,12 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-async def _time_plan(backend, plan, reps: int, buf=None) -> float:
+async def _time_plan(backend, plan, reps: int, buf=None, before=None) -> float:
     """Median seconds of one replay of `plan` and a 16-byte read of `buf` (as a decode step reads
-    its candidates back), after one replay to warm up."""
+    its candidates back), after one replay to warm up; `before()` runs before each replay."""
     async def once():
+        if before is not None:
+            before()
         if buf is None:
             backend.submit(plan)
             await backend.sync()
@@ -106,15 +108,16 @@ async def profile_decode(engine, position: int = 192, reps: int = 8) -> dict:
     """GPU time of one decode step and of each kernel family in it, replayed on their own."""
     be = engine.backend
     plan = engine.decode_plan
-    engine._write_step(min(position, engine.context_length - 1), [0], count=False)
-    total = await _time_plan(be, plan, reps, engine.state.step)
+    def step():      # every replay at `position` (a decode step left alone chains on a position further)
+        engine._write_step(min(position, engine.context_length - 1), [0], count=False)
+    total = await _time_plan(be, plan, reps, engine.state.step, step)
     families: dict[str, list] = {}
     for d in plan.dispatches:
         families.setdefault(d.family or d.label.split(" ")[0], []).append(d)
     parts = {}
     for fam, ds in families.items():
         parts[fam] = {"ms": round(await _time_plan(be, be.create_plan(ds, f"profile {fam}"), reps,
-                                                   engine.state.step) * 1e3, 3),
+                                                   engine.state.step, step) * 1e3, 3),
                       "dispatches": len(ds)}
     return {"gpu_ms_per_token": round(total * 1e3, 3), "dispatches_per_token": len(plan.dispatches),
             "kernels": dict(sorted(parts.items(), key=lambda kv: -kv[1]["ms"]))}

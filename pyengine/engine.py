@@ -16,7 +16,7 @@ from .chat_template import ChatTemplate
 from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError, PyEngineError,
                      UnsupportedModelError)
 from .gguf import GGUFFile, read_gguf
-from .gpu import TEXEL_BYTES, Binding, open_backend
+from .gpu import TEXEL_BYTES, Binding, Pending, open_backend
 from .graph import GraphBuilder, ScratchPool
 from .kernels import (BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TEXTURE_WIDTH, TOPK, TOPK_CHUNK, UNIFORM_BYTES,
                       Kernels, kv_texture_rows)
@@ -508,6 +508,11 @@ class Engine:
         cands = [(values[2 * i], pairs[2 * i + 1]) for i in range(n) if pairs[2 * i + 1] < vocab]
         return Candidates(cands, mx, z, bound)
 
+    @staticmethod
+    def _best_index(raw: bytes) -> int:
+        """The token of a record's first pair: what a chained decode step takes (counts.wgsl.j2)."""
+        return struct.unpack_from("<I", raw, 20)[0]
+
     async def _prefill(self, tokens: list[int], gen: Generation | None = None):
         """Runs tokens through the model after the cached ones; returns the candidates for the next
         token, or None when interrupted between chunks. The cache record grows chunk by chunk, so
@@ -528,10 +533,13 @@ class Engine:
                     return None
         return self._parse_result(raw, self.args.vocab_size)
 
-    async def _decode(self, token: int, pos: int):
-        self._write_step(pos, [token], count=True)
-        raw = await self.backend.submit_and_read(self.decode_plan, self._result_buffer(), 0, 4 * RESULT_WORDS)
-        return self._parse_result(raw, self.args.vocab_size)
+    def _queue_decode(self, token: int | None, pos: int) -> Pending:
+        """Queues the decode step of `token` at position `pos`. With None, the step takes the best
+        candidate of the step queued before it, a position further on (shaders/counts.wgsl.j2):
+        greedy decoding then queues a step before the host has read the one before it."""
+        if token is not None:
+            self._write_step(pos, [token], count=True)
+        return self.backend.submit_and_read_later(self.decode_plan, self._result_buffer(), 0, 4 * RESULT_WORDS)
 
     async def _read_processed(self):
         raw = await self.backend.read_buffer(self.state.processed, 0, 4 * self.args.vocab_size)
@@ -676,6 +684,10 @@ class Engine:
         stopped_by_string = False
         max_new = p.max_tokens if p.max_tokens is not None else ctx
         t_first = None
+        # Each token's decode step is queued as soon as the token is known, before its text is
+        # worked out and handed on; greedy decoding also queues the step after it, which the GPU
+        # feeds its own best candidate: the GPU never waits for the host, the host rarely for the GPU.
+        ahead, ahead_token = None, None
         while True:
             tok = await sampler.pick(cands, self._read_processed)
             if t_first is None:
@@ -686,6 +698,13 @@ class Engine:
             if tok in self.tokenizer.stop_ids and not p.ignore_eos:
                 gen.finish_reason = "stop"
                 break
+            pos = len(self._cached)
+            more = gen.usage.completion_tokens < max_new and pos < ctx      # whether tok is decoded
+            if more:
+                step = ahead if ahead is not None and ahead_token == tok else self._queue_decode(tok, pos)
+                ahead = None
+                if p.greedy and gen.usage.completion_tokens + 1 < max_new and pos + 1 < ctx:
+                    ahead = self._queue_decode(None, pos + 1)
             pending += detok.add(tok)
             if stops:
                 cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
@@ -702,11 +721,13 @@ class Engine:
             if gen.interrupted:
                 gen.finish_reason = "abort"
                 break
-            if gen.usage.completion_tokens >= max_new or len(self._cached) >= ctx:
+            if not more:
                 gen.finish_reason = "length"
                 break
-            cands = await self._decode(tok, len(self._cached))
+            raw = await step
             self._cached.append(tok)
+            cands = self._parse_result(raw, self.args.vocab_size)
+            ahead_token = self._best_index(raw)
         gen.timings.decode_s = time.perf_counter() - t_first
         gen.timings.decode_tokens = gen.usage.completion_tokens - 1
         tail = pending if stopped_by_string else pending + detok.flush()

@@ -128,6 +128,15 @@ class Normed:
         return self.x.cols
 
 
+def result_index(vocab: int) -> int:
+    """Which of the two top-k buffers (State.topk) holds a step's final record: the merge passes
+    of GraphBuilder.logits alternate between them."""
+    lists, index = -(-vocab // TOPK_CHUNK), 0
+    while lists > 1:
+        lists, index = -(-lists // TOPK_MERGE), 1 - index
+    return index
+
+
 class GraphBuilder:
     """Turns op calls into dispatches for a plan over up to `m_cap` tokens."""
 
@@ -459,18 +468,21 @@ class GraphBuilder:
                        {0: s.logits, 1: s.counts, 2: s.sparams, 3: s.processed, 4: s.topk[0]},
                        (lists, 1, 1), "topk chunk")
         src = 0
-        per = TOPK_MERGE                  # records merged by one workgroup
         while lists > 1:
-            groups = -(-lists // per)
+            groups = -(-lists // TOPK_MERGE)   # a workgroup merges up to TOPK_MERGE records
             records = Binding(s.topk[src], 0, 4 * RESULT_WORDS * lists)   # their number is its length
             self._dispatch("topk", {"stage": "merge", "topk": TOPK}, {},
                            {0: records, 4: s.topk[1 - src]}, (groups, 1, 1), "topk merge")
             src = 1 - src
             lists = groups
+        assert src == result_index(vocab)
         s.result_index = src
 
     def count_token(self, vocab: int) -> None:
-        self._dispatch("counts", {"op": "add"}, {"V": vocab}, {0: self.s.counts, 1: self._step()}, 1, "count")
+        """The decode step's first dispatch: takes its token (the host's, or the last step's best:
+        shaders/counts.wgsl.j2) and counts it."""
+        self._dispatch("counts", {"op": "add"}, {"V": vocab},
+                       {0: self.s.counts, 1: self._step(), 2: self.s.topk[result_index(vocab)]}, 1, "count")
 
     def clear_counts(self, vocab: int) -> None:
         self._dispatch("counts", {"op": "clear"}, {"V": vocab}, {0: self.s.counts},

@@ -173,22 +173,23 @@ def test_an_allocation_failure_mid_load_frees_everything_and_a_new_engine_works(
     good = Engine.load(tiny_llama, backend, context_length=128)
     want = run(answer(good, "hello")).tokens
     good.close()
-    live, nbytes = len(backend._live), backend.bytes_allocated
+    nbytes = backend.bytes_allocated
     real = backend.create_buffer
-    made = {"n": 0}
+    made = []                        # held here, so that no other buffer can take one's id
 
     def failing(size, label="", kind="storage"):
-        made["n"] += 1
-        if made["n"] == 12:          # part-way through the weights
+        if len(made) == 11:          # part-way through the weights
             raise GPUError(f"could not allocate {size} bytes of GPU memory for '{label}': out of memory")
-        return real(size, label, kind)
+        made.append(real(size, label, kind))
+        return made[-1]
 
     monkeypatch.setattr(backend, "create_buffer", failing)
     with pytest.raises(GPUError, match="out of memory"):
         Engine.load(tiny_llama, backend, context_length=128)
     monkeypatch.undo()
-    assert made["n"] == 12
-    assert (len(backend._live), backend.bytes_allocated) == (live, nbytes)
+    assert len(made) == 11
+    assert [b.label for b in made if id(b) in backend._live] == []
+    assert backend.bytes_allocated == nbytes
     again = Engine.load(tiny_llama, backend, context_length=128)
     assert run(answer(again, "hello")).tokens == want
     again.close()

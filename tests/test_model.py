@@ -166,6 +166,74 @@ def test_top_k_one_is_greedy(tiny_engine):
     assert gen.tokens == greedy(tiny_engine, [5, 6, 7], 20)
 
 
+class StepSpy:
+    """Counts the host's writes of the step header and the decode steps queued on `engine`."""
+
+    def __init__(self, engine, monkeypatch):
+        be, step, plan = engine.backend, engine.state.step, engine.decode_plan
+        self.writes = self.decodes = 0
+        real_write, real_later = be.write_buffer, be.submit_and_read_later
+
+        def write_buffer(buf, offset, data):
+            self.writes += buf is step
+            return real_write(buf, offset, data)
+
+        def submit_and_read_later(p, *a):
+            self.decodes += p is plan
+            return real_later(p, *a)
+        monkeypatch.setattr(be, "write_buffer", write_buffer)
+        monkeypatch.setattr(be, "submit_and_read_later", submit_and_read_later)
+
+
+def test_greedy_decode_steps_chain_on_the_gpu(tiny_engine, monkeypatch):
+    """Greedy decoding writes the step header once, for the first token: each later step takes the
+    best candidate of the one before on the GPU, queued before the host reads that one; none is
+    queued past max_tokens, and the tokens are those of sampling with top_k=1 (a step the host writes)."""
+    want = collect_tokens(tiny_engine, [5, 6, 7], SamplingParams(temperature=0.9, top_k=1, seed=1, max_tokens=20,
+                                                                 ignore_eos=True))
+    spy = StepSpy(tiny_engine, monkeypatch)
+    tiny_engine.reset()
+    assert greedy(tiny_engine, [5, 6, 7], 20) == want
+    assert (spy.writes, spy.decodes) == (2, 19)        # the prompt's, the first decode step's; 19 steps
+
+
+def test_a_chained_step_the_host_disagrees_with_is_replaced(tiny_engine, monkeypatch):
+    """Where the GPU's pick (the record's first pair) is not the host's, the queued step is dropped
+    and the host's token goes in a step it writes: the tokens do not change."""
+    want = greedy(tiny_engine, [9, 4, 2], 12)
+    monkeypatch.setattr(Engine, "_best_index", staticmethod(lambda raw: 1 << 30))
+    spy = StepSpy(tiny_engine, monkeypatch)
+    tiny_engine.reset()
+    assert greedy(tiny_engine, [9, 4, 2], 12) == want
+    assert spy.writes == 12                             # the prompt's and each of the 11 decode steps'
+    assert spy.decodes == 11 + 10                       # and the 10 chained ones, dropped
+
+
+def test_a_step_queued_past_a_stop_changes_no_later_answer(tiny_engine, monkeypatch):
+    """A greedy answer that stops on an end token leaves one step queued past it (cache, counts and
+    step header written): the next answer, reusing the cached prefix, with penalties, is the one a
+    fresh start gives."""
+    prompt = [5, 17, 60, 42]
+    pen = dict(temperature=0.0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.4)
+    tiny_engine.reset()
+    full = greedy(tiny_engine, prompt, 10)
+    tiny_engine.reset()
+    want = collect_tokens(tiny_engine, prompt + full[:3], SamplingParams(**pen))
+    tiny_engine.reset()
+    monkeypatch.setattr(tiny_engine.tokenizer, "stop_ids", frozenset([full[5]]))
+    gen = tiny_engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=10))
+    collect(gen)
+    monkeypatch.undo()
+    assert gen.finish_reason == "stop" and gen.tokens == full[:full.index(full[5]) + 1]
+    assert collect_tokens(tiny_engine, prompt + full[:3], SamplingParams(**pen)) == want
+
+
+def collect_tokens(engine, ids, params):
+    gen = engine.generate(ids, params)
+    collect(gen)
+    return gen.tokens
+
+
 def test_sampling_follows_the_model_distribution(tiny_engine, tiny_llama):
     """First-token frequencies over many seeds match softmax(logits / T) restricted by top-k."""
     ids = [9, 8, 7]

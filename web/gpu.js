@@ -40,7 +40,7 @@ export class Replayer {
     this.features = features;
     this.objects = new Map();
     this.next = 1;
-    this.staging = null;
+    this.stagingFree = [];      // staging buffers no read holds
     this.error = "";
     this.lostReason = null;
     device.lost.then((info) => { this.lostReason = info.message || info.reason || "device lost"; });
@@ -200,21 +200,32 @@ export class Replayer {
     this.device.queue.submit([this._encode(planId).finish()]);
   }
 
-  async submitAndRead(planId, bufId, offset, size) {
+  // submits the plan (before it returns) with a copy of `size` bytes of buffer `bufId` as the plan
+  // leaves them, and resolves to those bytes: a caller may submit the next step before awaiting
+  // this one, so each read has its own staging buffer, from a pool
+  submitAndRead(planId, bufId, offset, size) {
     this._check();
-    if (!this.staging || this.staging.size < size) {
-      if (this.staging) this.staging.destroy();
-      this.staging = this.device.createBuffer({
-        size: Math.max(size, 4096), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
-      });
-    }
+    const staging = this._staging(size);
     const enc = this._encode(planId);
-    enc.copyBufferToBuffer(this._get(bufId), offset, this.staging, 0, size);
+    enc.copyBufferToBuffer(this._get(bufId), offset, staging, 0, size);
     this.device.queue.submit([enc.finish()]);
-    await this.staging.mapAsync(GPUMapMode.READ, 0, size);
+    const read = this._mapped(staging, size);
+    read.catch(() => {});      // a read nobody awaits (a step queued past the end) must not be reported
+    return read;
+  }
+
+  _staging(size) {
+    const i = this.stagingFree.findIndex((b) => b.size >= size);
+    if (i >= 0) return this.stagingFree.splice(i, 1)[0];
+    return this.device.createBuffer({ size: Math.max(size, 4096), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  }
+
+  async _mapped(staging, size) {
+    await staging.mapAsync(GPUMapMode.READ, 0, size);
     this._check();
-    const out = new Uint8Array(this.staging.getMappedRange(0, size).slice(0));
-    this.staging.unmap();
+    const out = new Uint8Array(staging.getMappedRange(0, size).slice(0));
+    staging.unmap();
+    this.stagingFree.push(staging);
     return out;
   }
 
@@ -228,8 +239,8 @@ export class Replayer {
   destroyAll() {
     for (const o of this.objects.values()) if (o && o.destroy) o.destroy();
     this.objects.clear();
-    if (this.staging) this.staging.destroy();
-    this.staging = null;
+    for (const b of this.stagingFree) b.destroy();
+    this.stagingFree = [];
     this.device.destroy();
   }
 }

@@ -40,6 +40,19 @@ class Plan:
 TEXEL_BYTES = {"rgba32uint": 16, "rg32uint": 8}     # the texture formats kernels read
 
 
+class Pending:
+    """Bytes a submitted plan will have produced: `await` it for them. One that is never awaited
+    costs nothing (the read starts only when awaited, or is the browser's own)."""
+
+    __slots__ = ("_finish",)
+
+    def __init__(self, finish):
+        self._finish = finish       # an async function of no arguments returning the bytes
+
+    def __await__(self):
+        return self._finish().__await__()
+
+
 class Backend:
     """What the engine needs from a GPU. Buffer handles are opaque to callers."""
 
@@ -102,8 +115,13 @@ class Backend:
 
     async def submit_and_read(self, plan: Plan, buf, offset: int, size: int) -> bytes:
         """Run the plan, then read back `size` bytes of `buf`: one round trip per step."""
-        self.submit(plan)
-        return await self.read_buffer(buf, offset, size)
+        return await self.submit_and_read_later(plan, buf, offset, size)
+
+    def submit_and_read_later(self, plan: Plan, buf, offset: int, size: int) -> Pending:
+        """Submit the plan now, with a copy of `size` bytes of `buf` as it leaves them; awaiting the
+        answer gives them. Later submissions may go in before that, and may change `buf`: this is how
+        a step is queued before the host has read the one before it."""
+        raise NotImplementedError
 
     async def sync(self) -> None:
         """Wait until all submitted work is done."""

@@ -1,7 +1,8 @@
 """Browser GPU backend: Pyodide's `js` module drives WebGPU through the replayer in web/gpu.js.
 
 Each method is one call into JavaScript. Plans are registered with the replayer once,
-so a decode step costs one write and one submit-and-read call (DESIGN.md rule 1).
+so a decode step costs one submit-and-read call, and a write of its step header where the
+host chooses the token (sampling; greedy steps take theirs on the GPU) (DESIGN.md rule 1).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 
 from ..errors import GPUError
-from . import TEXEL_BYTES, Backend, Plan
+from . import TEXEL_BYTES, Backend, Pending, Plan
 
 
 class JSBuffer:
@@ -108,10 +109,13 @@ class BrowserBackend(Backend):
         self.calls += 1
         self.r.submit(plan.handle)
 
-    async def submit_and_read(self, plan: Plan, buf, offset: int, size: int) -> bytes:
+    def submit_and_read_later(self, plan: Plan, buf, offset: int, size: int) -> Pending:
         self.calls += 1
-        out = await self.r.submitAndRead(plan.handle, buf.id, offset, size)
-        return bytes(out.to_py())
+        promise = self.r.submitAndRead(plan.handle, buf.id, offset, size)   # submitted before it returns
+
+        async def finish():
+            return bytes((await promise).to_py())
+        return Pending(finish)
 
     async def sync(self) -> None:
         self.calls += 1

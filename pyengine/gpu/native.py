@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import GPUError
-from . import TEXEL_BYTES, Backend, Plan
+from . import TEXEL_BYTES, Backend, Pending, Plan
 
 
 def _quiet_vulkan_loader():
@@ -90,7 +90,7 @@ class NativeBackend(Backend):
         self.max_buffer_size = limits["max-buffer-size"]
         self.max_workgroups_per_dim = lim["max-compute-workgroups-per-dimension"]
         self.max_texture_rows = limits["max-texture-dimension-2d"]
-        self._staging = None
+        self._staging: list = []     # read-back buffers free for the next submit_and_read_later
         self.bytes_allocated = 0
         self._live: dict[int, int] = {}
         self._views: dict[int, tuple] = {}     # id of a texture -> (it, the view its bindings use)
@@ -204,18 +204,23 @@ class NativeBackend(Backend):
     def submit(self, plan: Plan) -> None:
         self.queue.submit([self._encode(plan).finish()])
 
-    async def submit_and_read(self, plan: Plan, buf, offset: int, size: int) -> bytes:
+    def submit_and_read_later(self, plan: Plan, buf, offset: int, size: int) -> Pending:
         u = self._wgpu.BufferUsage
-        if self._staging is None or self._staging.size < size:
-            self._staging = self.device.create_buffer(size=max(size, 4096), usage=u.MAP_READ | u.COPY_DST)
+        staging = self._staging.pop() if self._staging else None
+        if staging is None or staging.size < size:
+            staging = self.device.create_buffer(size=max(size, 4096), usage=u.MAP_READ | u.COPY_DST)
         enc = self._encode(plan)
-        enc.copy_buffer_to_buffer(buf, offset, self._staging, 0, size)
+        enc.copy_buffer_to_buffer(buf, offset, staging, 0, size)
         self.queue.submit([enc.finish()])
-        self._staging.map_sync(self._wgpu.MapMode.READ, 0, size)
-        try:
-            return bytes(self._staging.read_mapped(0, size))
-        finally:
-            self._staging.unmap()
+
+        async def finish():
+            staging.map_sync(self._wgpu.MapMode.READ, 0, size)
+            try:
+                return bytes(staging.read_mapped(0, size))
+            finally:
+                staging.unmap()
+                self._staging.append(staging)
+        return Pending(finish)
 
     async def sync(self) -> None:
         self.queue.read_buffer(self._sync_buffer(), 0, 4)
