@@ -17,7 +17,7 @@ from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError,
                      UnsupportedModelError)
 from .gguf import GGUFFile, read_gguf
 from .gpu import TEXEL_BYTES, Binding, Pending, open_backend
-from .graph import GraphBuilder, ScratchPool
+from .graph import GraphBuilder, ScratchPool, result_index
 from .kernels import (BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TEXTURE_WIDTH, TOPK, TOPK_CHUNK, UNIFORM_BYTES,
                       Kernels, kv_texture_rows)
 from .models import ARCHITECTURES
@@ -129,7 +129,7 @@ class State:
             for b in made:
                 backend.destroy_buffer(b)
             raise
-        self.result_index = 0
+        self.result = self.topk[result_index(vocab)]     # where a step's final top-k record lies
         self.kv: KVCache | None = None
         self.max_chunk = max_chunk
         self._backend = backend
@@ -496,9 +496,6 @@ class Engine:
         data = struct.pack(f"<4I{len(tokens)}I", pos0, len(tokens), 1 if count else 0, 0, *tokens)
         self.backend.write_buffer(self.state.step, 0, data)
 
-    def _result_buffer(self):
-        return self.state.topk[self.state.result_index]
-
     @staticmethod
     def _parse_result(raw: bytes, vocab: int):
         mx, z, bound = struct.unpack_from("<3f", raw, 0)
@@ -523,7 +520,7 @@ class Engine:
             plan = self._prefill_plan(len(chunk))
             self._write_step(len(self._cached), chunk, count=False)
             if start + self.max_chunk >= len(tokens):
-                raw = await self.backend.submit_and_read(plan, self._result_buffer(), 0, 4 * RESULT_WORDS)
+                raw = await self.backend.submit_and_read(plan, self.state.result, 0, 4 * RESULT_WORDS)
                 self._cached.extend(chunk)
             else:
                 self.backend.submit(plan)
@@ -533,13 +530,13 @@ class Engine:
                     return None
         return self._parse_result(raw, self.args.vocab_size)
 
-    def _queue_decode(self, token: int | None, pos: int) -> Pending:
-        """Queues the decode step of `token` at position `pos`. With None, the step takes the best
+    def _queue_decode(self, token: int | None = None, pos: int = 0) -> Pending:
+        """Queues the decode step of `token` at position `pos`. With no token, the step takes the best
         candidate of the step queued before it, a position further on (shaders/counts.wgsl.j2):
         greedy decoding then queues a step before the host has read the one before it."""
         if token is not None:
             self._write_step(pos, [token], count=True)
-        return self.backend.submit_and_read_later(self.decode_plan, self._result_buffer(), 0, 4 * RESULT_WORDS)
+        return self.backend.submit_and_read_later(self.decode_plan, self.state.result, 0, 4 * RESULT_WORDS)
 
     async def _read_processed(self):
         raw = await self.backend.read_buffer(self.state.processed, 0, 4 * self.args.vocab_size)
@@ -704,7 +701,7 @@ class Engine:
                 step = ahead if ahead is not None and ahead_token == tok else self._queue_decode(tok, pos)
                 ahead = None
                 if p.greedy and gen.usage.completion_tokens + 1 < max_new and pos + 1 < ctx:
-                    ahead = self._queue_decode(None, pos + 1)
+                    ahead = self._queue_decode()      # tok's successor, at pos + 1
             pending += detok.add(tok)
             if stops:
                 cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)

@@ -129,8 +129,8 @@ class Normed:
 
 
 def result_index(vocab: int) -> int:
-    """Which of the two top-k buffers (State.topk) holds a step's final record: the merge passes
-    of GraphBuilder.logits alternate between them."""
+    """Which of the two top-k buffers (State.topk) holds a step's final record (State.result): the
+    merge passes of GraphBuilder.logits alternate between them."""
     lists, index = -(-vocab // TOPK_CHUNK), 0
     while lists > 1:
         lists, index = -(-lists // TOPK_MERGE), 1 - index
@@ -475,14 +475,13 @@ class GraphBuilder:
                            {0: records, 4: s.topk[1 - src]}, (groups, 1, 1), "topk merge")
             src = 1 - src
             lists = groups
-        assert src == result_index(vocab)
-        s.result_index = src
+        assert s.topk[src] is s.result
 
     def count_token(self, vocab: int) -> None:
         """The decode step's first dispatch: takes its token (the host's, or the last step's best:
         shaders/counts.wgsl.j2) and counts it."""
         self._dispatch("counts", {"op": "add"}, {"V": vocab},
-                       {0: self.s.counts, 1: self._step(), 2: self.s.topk[result_index(vocab)]}, 1, "count")
+                       {0: self.s.counts, 1: self._step(), 2: self.s.result}, 1, "count")
 
     def clear_counts(self, vocab: int) -> None:
         self._dispatch("counts", {"op": "clear"}, {"V": vocab}, {0: self.s.counts},

@@ -572,7 +572,7 @@ def test_logits_processing_and_top_k(backend, vocab, ties, want):
         g.dispatches.pop(0)
 
     rig.run(build, 1)
-    res = rig.read(rig.state.topk[rig.state.result_index], 4 + 2 * TOPK, np.uint32).astype(np.uint32)
+    res = rig.read(rig.state.result, 4 + 2 * TOPK, np.uint32).astype(np.uint32)
     mx, z, bound = np.frombuffer(res[:3].tobytes(), np.float32)
     vals = np.frombuffer(res[4::2].tobytes(), np.float32)
     idx = res[5::2]
