@@ -39,7 +39,7 @@ chat: setup
 	$(BIN)/pyengine chat
 
 # the whole suite on the system's adapter (lavapipe without a GPU: weights and KV cache in textures), then every kernel again on
-# SwiftShader with weights and KV cache in storage buffers (as GPUs hold them; the browser tests read textures there),
+# SwiftShader with weights, KV cache and prefill activations in storage buffers (as GPUs hold them; the browser tests read textures there),
 # the browser's CPU adapter, whose compiler differs (its Vulkan driver ships with Chromium). The kernel
 # tests mostly wait on the driver's shader compiler, one kernel after another: they run in a process
 # a core (pytest-xdist); the rest share one browser build and run in one.
@@ -47,7 +47,7 @@ test: setup
 	$(BIN)/python -m pytest --ignore=tests/test_kernels.py
 	$(BIN)/python -m pytest -q -n auto tests/test_kernels.py
 	@test -f $(SWIFTSHADER_ICD) || { echo "SwiftShader's Vulkan driver is missing ($(SWIFTSHADER_ICD)): install chromium" >&2; exit 1; }
-	VK_ICD_FILENAMES=$(SWIFTSHADER_ICD) PYENGINE_WEIGHTS=buffers PYENGINE_KV=buffers $(BIN)/python -m pytest -q -n auto tests/test_kernels.py
+	VK_ICD_FILENAMES=$(SWIFTSHADER_ICD) PYENGINE_WEIGHTS=buffers PYENGINE_KV=buffers PYENGINE_ACTIVATIONS=buffers $(BIN)/python -m pytest -q -n auto tests/test_kernels.py
 
 bench: setup
 	$(BIN)/pyengine bench

@@ -39,7 +39,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
-from pyengine.kernels import UNIFORM_BYTES, VARIANTS, Kernels, packed_nbytes, texture_rows  # noqa: E402
+from pyengine.kernels import (UNIFORM_BYTES, VARIANTS, Kernels, activation_texture_rows, packed_nbytes,  # noqa: E402
+                              texture_rows)
 from pyengine.tuning import MATMUL_XSHARE, every_variant, space, subgroup_size  # noqa: E402
 
 REPEAT = 20
@@ -89,7 +90,7 @@ def empty_body(code):
 
 
 def mm_no_activation_loads(code):
-    return re.sub(r"X\[xr(\d+) \+ c[^\]]*\]", r"vec4<f32>(f32(xr\1), f32(c), f32(xr\1 + c), f32(xr\1 ^ c))", code)
+    return re.sub(r"x_at\(xr(\d+) \+ c[^)]*\)", r"vec4<f32>(f32(xr\1), f32(c), f32(xr\1 + c), f32(xr\1 ^ c))", code)
 
 
 def mm_no_broadcasts(code):
@@ -201,7 +202,7 @@ async def time_variants(be, k, w, nbytes, a):
 async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     plans = {}
     for rows, t, wg in PREFILL_SHAPES:
-        v = {**VARIANTS["matmul"], **MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg}
+        v = {**VARIANTS["matmul"], **MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg, "xtex": k.activation_textures}
         pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", wtex=k.weight_textures,
                                            epilogue="glu" if a.glu else "store", act="silu", bias=False, **v),
                                   consts, "mat-mat")
@@ -241,15 +242,17 @@ async def main():
     plans = {}
     tokens = 1
     if a.prefill:
-        variant = {**VARIANTS["matmul"], **MATMUL_XSHARE}
+        variant = {**VARIANTS["matmul"], **MATMUL_XSHARE, "xtex": k.activation_textures}
         tokens = PREFILL_TOKENS
         code = k.render("matmul", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False, **variant)
-        x = be.create_buffer(tokens * a.cols * 4, "activations")
+        # the activations where this adapter's prefill reads them: a texture on CPU adapters
+        x = (be.create_texture(activation_texture_rows(tokens, a.cols), "activations") if k.activation_textures
+             else be.create_buffer(tokens * a.cols * 4, "activations"))
         y = be.create_buffer(tokens * a.rows * 4, "out")
         step = be.create_buffer(256, "step")
         be.write_buffer(step, 0, struct.pack("<II", 0, tokens))
         groups = (-(-a.rows // (variant["wg"] * variant["rows"])), -(-tokens // variant["t"]), 1)
-        parts, names = PREFILL_PARTS, {1: "X["}
+        parts, names = PREFILL_PARTS, {1: "X_t" if k.activation_textures else "X["}
         wslots = (0, 6)
         consts = {"N": a.rows, "K": a.cols, "ROW0": 0, "NOUT": a.rows}
         fixed = {2: Binding(y), 3: Binding(step)}

@@ -18,8 +18,8 @@ from .errors import (ContextOverflowError, EngineBusyError, GGUFError, GPUError,
 from .gguf import GGUFFile, read_gguf
 from .gpu import TEXEL_BYTES, Binding, Pending, open_backend
 from .graph import GraphBuilder, ScratchPool, result_index
-from .kernels import (BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TEXTURE_WIDTH, TOPK, TOPK_CHUNK, UNIFORM_BYTES,
-                      Kernels, kv_texture_rows)
+from .kernels import (BLOCK_VALUES, KERNEL_QTYPES, RESULT_WORDS, TEXTURE_ROW_BYTES, TEXTURE_WIDTH, TOPK, TOPK_CHUNK,
+                      UNIFORM_BYTES, Kernels, activation_texture_rows, kv_texture_rows)
 from .models import ARCHITECTURES
 from .sampling import Candidates, Sampler, SamplingParams
 from . import tuning as autotune
@@ -134,13 +134,24 @@ class State:
         self.max_chunk = max_chunk
         self._backend = backend
         self._tiles: dict[int, object] = {}
+        self._act_textures: dict[int, object] = {}
 
     def buffers(self) -> list:
         out = [self.step, self.logits, self.processed, self.counts, self.sparams, *self.topk,
-               *self._tiles.values(), *(b for _, b in self.pool.buffers)]
+               *self._tiles.values(), *self._act_textures.values(), *(b for _, b in self.pool.buffers)]
         if self.kv is not None:
             out += self.kv.k + self.kv.v
         return out
+
+    def activation_texture(self, cols: int):
+        """The texture the prefill mat-mats read activations of `cols` values a token from, for up to
+        max_chunk tokens (graph.GraphBuilder._x_texture): one for each width, shared by every plan
+        (each copy into it is read by the dispatches right after it)."""
+        tex = self._act_textures.get(cols)
+        if tex is None:
+            tex = self._act_textures[cols] = self._backend.create_texture(
+                activation_texture_rows(self.max_chunk, cols), f"activations of {cols}", storage=True)
+        return tex
 
     def tile_index(self, t: int, i: int):
         """A binding whose first word is the first token of tile i (tiles of t tokens)."""
@@ -415,6 +426,9 @@ class Engine:
         q_width = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim
         working = (self.max_chunk * 4 * (3 * a.dim + q_width + 2 * a.ffn_dim) + 12 * UNIFORM_BYTES
                    + 3 * 4 * a.vocab_size + 64 * 1024)
+        if k.activation_textures:       # the prefill mat-mats' inputs, copied into textures (State.activation_texture)
+            working += sum(activation_texture_rows(self.max_chunk, c) * TEXTURE_ROW_BYTES
+                           for c in {a.dim, a.n_heads * a.head_dim, a.ffn_dim})
         return {"weights": weights, "kv_cache": kv, "working": working, "upload_staging": staging,
                 "total": weights + kv + working + staging}
 

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 
 from .gpu import Binding, Dispatch, split_workgroups
-from .kernels import REPACKED_QTYPES, RESULT_WORDS, STORAGE_ALIGN, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES
+from .kernels import (REPACKED_QTYPES, RESULT_WORDS, STORAGE_ALIGN, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES,
+                      activation_texture_rows)
 
 F32 = 4
 
@@ -148,6 +149,8 @@ class GraphBuilder:
         # the last fused mat-vec of several weights: (its dispatch, parameters, constants, bindings, its
         # outputs), for rope_attention to fold RoPE into (_fold_rope)
         self._fused: tuple | None = None
+        # the last activations copied into a texture: (tensor, dispatches when its last reader was added, texture)
+        self._copied: tuple | None = None
         self.s.pool.begin()
 
     # -- helpers ------------------------------------------------------------
@@ -325,10 +328,14 @@ class GraphBuilder:
                        w2: Weight | None = None) -> None:
         """The mat-mat that shares activations by subgroup broadcasts: one dispatch a part of the weight
         over every token (with w2, the "glu" epilogue's second weight, split at the same rows)."""
+        norm_binds, norm_consts = {}, {}
+        xt = self._norm_binds(x, norm_binds, norm_consts, params)
+        tex = self._x_texture(xt)
+        if tex is not None:
+            params["xtex"] = True
         for p, (row0, rows, buf) in enumerate(w.parts):
-            binds, consts = {}, {"N": rows, "K": w.cols, "ROW0": row0, "NOUT": w.rows}
-            xt = self._norm_binds(x, binds, consts, params)
-            binds.update({0: buf, 1: xt.bind(), 2: out.bind(), 3: self._step()})
+            binds, consts = dict(norm_binds), {**norm_consts, "N": rows, "K": w.cols, "ROW0": row0, "NOUT": w.rows}
+            binds.update({0: buf, 1: tex if tex is not None else xt.bind(), 2: out.bind(), 3: self._step()})
             self._words(binds, w, 6, buf)
             if w2 is not None:
                 binds[4] = w2.parts[p][2]
@@ -338,6 +345,24 @@ class GraphBuilder:
             groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
             name = f"glu {w.name} {w2.name}" if w2 is not None else f"matmul {w.name}"
             self._dispatch("matmul", params, consts, binds, groups, name)
+        # the next mat-mat of the same activations reads the copy too, if nothing has run in between
+        self._copied = (xt, len(self.dispatches), tex) if tex is not None and out.buffer is not xt.buffer else None
+
+    def _x_texture(self, x: Tensor):
+        """The state's activation texture of x's width holding x's tokens, for the shared mat-mats that
+        read their activations from a texture (shaders/matmul.wgsl.j2: xtex) on adapters that fetch
+        texels faster than they load storage (kernels.Kernels.activation_textures); None where x stays
+        in its buffer. The copy is a dispatch (shaders/to_texture.wgsl.j2), made once for mat-mats of
+        the same activations one after another (q, k and v)."""
+        if (not self.k.activation_textures or x.cols % 4
+                or activation_texture_rows(self.s.max_chunk, x.cols) > self.k.backend.max_texture_rows):
+            return None
+        if self._copied is not None and self._copied[0] is x and self._copied[1] == len(self.dispatches):
+            return self._copied[2]
+        tex = self.s.activation_texture(x.cols)
+        self._dispatch("to_texture", {}, {"D4": x.cols // 4}, {0: x.bind(), 1: tex, 2: self._step()},
+                       -(-self.m_cap * x.cols // 256), f"to texture {x.cols}")
+        return tex
 
     def gated_mlp(self, x: Tensor, gate: Weight, up: Weight, act: str = "silu") -> Tensor:
         """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""

@@ -32,7 +32,7 @@ RESULT_WORDS = 4 + 2 * TOPK   # a top-k record: [max, sum, bound, n, TOPK x (val
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
     "matvec": {"wg": 32, "rows": 4, "xshare": False, "norm": False},
-    "matmul": {"wg": 64, "xshare": False, "rows": 1, "tmax": 8, "norm": False},
+    "matmul": {"wg": 64, "xshare": False, "rows": 1, "tmax": 8, "norm": False, "xtex": False},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1},   # decode: invocations a head's keys split over
 }
@@ -101,6 +101,8 @@ class Kernels:
         }
         self.weight_textures = weight_textures(backend)
         self.kv_textures = _textures(backend, "PYENGINE_KV")
+        # the prefill mat-mats' activations (shaders/matmul.wgsl.j2: xtex)
+        self.activation_textures = _textures(backend, "PYENGINE_ACTIVATIONS")
 
     def render(self, family: str, **params) -> str:
         p = dict(self.device_params)
@@ -154,7 +156,8 @@ def weight_textures(backend) -> bool:
 
 def _textures(backend, variable: str) -> bool:
     """Textures on CPU adapters, unless `variable` (textures|buffers) says otherwise: the weights'
-    choice (PYENGINE_WEIGHTS) or the KV cache's (PYENGINE_KV, shaders/_common.wgsl.j2: kv_binding)."""
+    choice (PYENGINE_WEIGHTS), the KV cache's (PYENGINE_KV, shaders/_common.wgsl.j2: kv_binding) or
+    the prefill mat-mats' activations' (PYENGINE_ACTIVATIONS, shaders/matmul.wgsl.j2: xtex)."""
     choice = os.environ.get(variable, "")
     if choice not in ("", "textures", "buffers"):
         raise ValueError(f"{variable}={choice!r}: use textures or buffers")
@@ -168,6 +171,11 @@ def _textures(backend, variable: str) -> bool:
 def kv_texture_rows(context: int, n_kv_heads: int, head_dim: int) -> int:
     """Rows of a layer's k (or v) cache texture: a texel a vec4 of a head (kv_binding)."""
     return max(1, -(-context * n_kv_heads * (head_dim // 4) // TEXTURE_WIDTH))
+
+
+def activation_texture_rows(tokens: int, cols: int) -> int:
+    """Rows of a texture holding `tokens` tokens of `cols` f32 activations, a texel 4 of them."""
+    return max(1, -(-tokens * (cols // 4) // TEXTURE_WIDTH))
 
 
 def _template_error(message: str):

@@ -248,7 +248,8 @@ def test_matmul(rig, qtype, m, m_cap, variant):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_gated_mlp_over_tokens_with_each_matmul(rig, qtype, variant):
     """Several tokens through each mat-mat an adapter may run; the shared one computes gate and up in
-    one dispatch (rows of each an invocation) with the activation in its epilogue, no elementwise pass."""
+    one dispatch (rows of each an invocation) with the activation in its epilogue, no elementwise pass
+    (after the copy of its input into a texture, on adapters that read activations from textures)."""
     use_variant(rig, "matmul", MATMULS[variant])
     n, k = shapes_for(qtype)[2]
     g_w, gv = rig.weight(rig.rng.standard_normal((n, k)), qtype)
@@ -263,7 +264,7 @@ def test_gated_mlp_over_tokens_with_each_matmul(rig, qtype, variant):
         gate = a / (1 + np.exp(-a)) if act == "silu" else gelu_tanh(a)
         close(rig.read(out, m * n).reshape(m, n), gate * b, rtol=5e-5)
         if MATMULS[variant].get("xshare"):
-            assert [d.family for d in seen] == ["matmul"]
+            assert [d.family for d in seen] == ["to_texture"] * rig.k.activation_textures + ["matmul"]
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_products_of_one_input_in_one_dispatch(rig, qtype):
@@ -322,6 +323,57 @@ def test_rmsnorm_read_by_the_next_mat_mats(rig, qtype, variant):
     use_variant(rig, "matmul", MATMULS[variant])
     for m, m_cap in ((13, 16), (37, 64)):
         check_normed_products(rig, qtype, m, m_cap, fused=bool(MATMULS[variant].get("xshare")))
+
+
+@pytest.mark.parametrize("where", ["textures", "buffers", "textures too small"])
+def test_prefill_activations_read_from_textures_and_from_buffers_give_the_same_layer(rig, where, monkeypatch):
+    """A layer's mat-mats over several tokens with each shared mat-mat this adapter runs, their activations
+    copied into textures (to_texture) or read from storage, or in storage because no texture of the
+    adapter's holds them: the same results. One copy serves mat-mats of one input that follow one another
+    (q and k of a normed residual); the residual is copied again once something has written it."""
+    monkeypatch.setattr(rig.k, "activation_textures", where != "buffers")
+    if where == "textures too small":
+        monkeypatch.setattr(rig.be, "max_texture_rows", 1)
+    k, n, m, m_cap = 192, 96, 37, 64     # 64 tokens of 192 values: 3 texture rows
+    (wa, va), (wb, vb) = (rig.weight(rig.rng.standard_normal((n, k)), "Q4_1", f"w{i}") for i in range(2))
+    wo, vo = rig.weight(rig.rng.standard_normal((k, n)), "Q4_1", "wo")
+    nw = rig.rng.standard_normal(k)
+    h = np.zeros((m_cap, k))
+    h[:m] = rig.rng.standard_normal((m, k)) * 3
+
+    def normed(x):
+        return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-5) * nw
+
+    want_h = h[:m].copy()
+    p, q = normed(want_h) @ va.T, normed(want_h) @ vb.T
+    want_h += p @ vo.T
+    a, b = normed(want_h) @ va.T, normed(want_h) @ vb.T
+    s = a / (1 + np.exp(-a)) * b
+    want_h += s @ vo.T
+    shared = [v for v in runnable_matmuls(rig) if v.get("xshare")]
+    if not shared:
+        pytest.skip("no subgroups: the mat-mats that read activations from textures are never chosen here")
+    try:
+        for variant in shared:
+            rig.k.tuning = {"matmul": variant}
+            rig.step(0, m)
+
+            def layer(g):
+                ht, norm = rig.tensor(h), rig.vector(nw)
+                gp, gq = g.linears(g.normed(ht, norm, 1e-5), [wa, wb])
+                g.linear(gp, wo, accumulate=ht)
+                gs = g.gated_mlp(g.normed(ht, norm, 1e-5), wa, wb)
+                g.linear(gs, wo, accumulate=ht)
+                return gp, gq, ht
+
+            gp, gq, ht = rig.run(layer, m_cap)
+            close(rig.read(gp, m * n).reshape(m, n), p, rtol=5e-5)
+            close(rig.read(gq, m * n).reshape(m, n), q, rtol=5e-5)
+            close(rig.read(ht, m * k).reshape(m, k), want_h, rtol=1e-4)
+            # h for q and k, p, h again, the gated product
+            assert rig.families.count("to_texture") == (4 if where == "textures" else 0), variant
+    finally:
+        rig.k.tuning = {}
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_1", "Q8_0", "Q6_K", "F16"])
