@@ -134,7 +134,7 @@ class State:
         self.max_chunk = max_chunk
         self._backend = backend
         self._tiles: dict[int, object] = {}
-        self._act_textures: dict[int, object] = {}
+        self._act_textures: dict[tuple, object] = {}
 
     def buffers(self) -> list:
         out = [self.step, self.logits, self.processed, self.counts, self.sparams, *self.topk,
@@ -143,14 +143,15 @@ class State:
             out += self.kv.k + self.kv.v
         return out
 
-    def activation_texture(self, cols: int):
-        """The texture the prefill mat-mats read activations of `cols` values a token from, for up to
-        max_chunk tokens (graph.GraphBuilder._x_texture): one for each width, shared by every plan
-        (each copy into it is read by the dispatches right after it)."""
-        tex = self._act_textures.get(cols)
+    def activation_texture(self, cols: int, index: int):
+        """A texture the mat-mats and mat-vecs read activations of `cols` values a token from, for up to
+        max_chunk tokens (graph.GraphBuilder._x_texture): two for each width (copies go to the first,
+        mat-vecs write their outputs to the second: one that reads the first can write the second),
+        shared by every plan (each is read by the dispatches right after the one that wrote it)."""
+        tex = self._act_textures.get((cols, index))
         if tex is None:
-            tex = self._act_textures[cols] = self._backend.create_texture(
-                activation_texture_rows(self.max_chunk, cols), f"activations of {cols}", storage=True)
+            tex = self._act_textures[cols, index] = self._backend.create_texture(
+                activation_texture_rows(self.max_chunk, cols), f"activations of {cols} ({index})", storage=True)
         return tex
 
     def tile_index(self, t: int, i: int):
@@ -427,8 +428,8 @@ class Engine:
         working = (self.max_chunk * 4 * (3 * a.dim + q_width + 2 * a.ffn_dim) + 12 * UNIFORM_BYTES
                    + 3 * 4 * a.vocab_size + 64 * 1024)
         if k.activation_textures:       # the prefill mat-mats' inputs, copied into textures (State.activation_texture)
-            working += sum(activation_texture_rows(self.max_chunk, c) * TEXTURE_ROW_BYTES
-                           for c in {a.dim, a.n_heads * a.head_dim, a.ffn_dim})
+            working += 2 * sum(activation_texture_rows(self.max_chunk, c) * TEXTURE_ROW_BYTES
+                               for c in {a.dim, a.n_heads * a.head_dim, a.ffn_dim})
         return {"weights": weights, "kv_cache": kv, "working": working, "upload_staging": staging,
                 "total": weights + kv + working + staging}
 

@@ -149,8 +149,10 @@ class GraphBuilder:
         # the last fused mat-vec of several weights: (its dispatch, parameters, constants, bindings, its
         # outputs), for rope_attention to fold RoPE into (_fold_rope)
         self._fused: tuple | None = None
-        # the last activations copied into a texture: (tensor, dispatches when its last reader was added, texture)
-        self._copied: tuple | None = None
+        # activations whose texture is current, {id(tensor): (tensor, texture)}, for the dispatch added when
+        # the plan held _copies_at dispatches (_x_texture)
+        self._copies: dict = {}
+        self._copies_at = -1
         self.s.pool.begin()
 
     # -- helpers ------------------------------------------------------------
@@ -236,7 +238,7 @@ class GraphBuilder:
         out = accumulate if accumulate is not None else self._tensor(w.rows, x.rows)
         epilogue = "accumulate" if accumulate is not None else "store"
         if x.rows == 1:
-            self._matvec(w, x, out.bind(), epilogue, bias=bias)
+            self._matvec(w, x, out.bind(), epilogue, bias=bias, written=out)
             return out
         k = w.cols
         params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None, wtex=w.texture)
@@ -298,6 +300,7 @@ class GraphBuilder:
             self._words(binds, w, words, w.buffer)
             consts.update({f"N{i}": w.rows, f"G{i}": sum(groups[:i - 1]), f"OFF{i}": offsets[i - 1] // F32})
         self._dispatch("matvec", params, consts, binds, sum(groups), "store " + " ".join(w.name for w in ws))
+        self._read_copy(x, out, params)
         outs = [out.view(o, w.rows) for o, w in zip(offsets, ws)]
         self._fused = (self.dispatches[-1], params, consts, binds, outs)
         return outs
@@ -308,13 +311,23 @@ class GraphBuilder:
                                 **extra)
         uniform = params["x_uniform"] and not params["xshare"]
         x = x.x if isinstance(x, Normed) else x       # its norm's binding: _norm_binds
+        tex = self._x_texture(x) if params["xshare"] else None
+        if tex is not None:
+            params["xtex"] = True
+            return params, tex, params["wg"] * params["rows"]
         return params, x.window() if uniform else x.bind(), params["wg"] * params["rows"]
 
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
-                bias: Weight | None = None, act: str = "silu"):
+                bias: Weight | None = None, act: str = "silu", written: Tensor | None = None):
+        """`written`: the tensor `out` binds, whose texture the mat-vec may write too (_y_texture)."""
         params, xb, per_group = self._matvec_variant(w, x, epilogue=epilogue, bias=bias is not None, act=act)
+        ytex = self._y_texture(w, written, params, xb if params.get("xtex") else None)
+        if ytex is not None:
+            params["ytex"] = True
         for p, (row0, rows, buf) in enumerate(w.parts):
             binds = self._words({0: buf, 1: xb, 2: out}, w, 4, buf)
+            if ytex is not None:
+                binds[13] = ytex[1]
             consts = {"N": rows, "K": w.cols, "ROW0": row0}
             self._norm_binds(x, binds, consts, params, slot=8)
             if w2 is not None:
@@ -323,6 +336,7 @@ class GraphBuilder:
             elif bias is not None:
                 binds[3] = bias.buffer
             self._dispatch("matvec", params, consts, binds, -(-rows // per_group), f"{epilogue} {w.name}")
+        self._read_copy(x, out, params, ytex)
 
     def _shared_matmul(self, x, w: Weight, out: Tensor, params: dict, bias: Weight | None = None,
                        w2: Weight | None = None) -> None:
@@ -345,8 +359,21 @@ class GraphBuilder:
             groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
             name = f"glu {w.name} {w2.name}" if w2 is not None else f"matmul {w.name}"
             self._dispatch("matmul", params, consts, binds, groups, name)
-        # the next mat-mat of the same activations reads the copy too, if nothing has run in between
-        self._copied = (xt, len(self.dispatches), tex) if tex is not None and out.buffer is not xt.buffer else None
+        self._read_copy(xt, out, params)
+
+    def _read_copy(self, x, out, params: dict, written: tuple | None = None) -> None:
+        """After the dispatches of a mat-mat or mat-vec that read x's texture (params xtex) into `out`:
+        the next one of the same activations reads that texture too, if nothing runs in between; so
+        does the next one of `written` ((tensor, texture): the output the last dispatch also wrote
+        to a texture, params ytex)."""
+        x = x.x if isinstance(x, Normed) else x
+        out = out.buffer if isinstance(out, (Tensor, Binding)) else out
+        copies = {}
+        if params.get("xtex") and out is not x.buffer:
+            copies[id(x)] = (x, self._copies[id(x)][1])
+        if written is not None:
+            copies[id(written[0])] = written
+        self._copies, self._copies_at = copies, len(self.dispatches)
 
     def _x_texture(self, x: Tensor):
         """The state's activation texture of x's width holding x's tokens, for the shared mat-mats that
@@ -357,19 +384,31 @@ class GraphBuilder:
         if (not self.k.activation_textures or x.cols % 4
                 or activation_texture_rows(self.s.max_chunk, x.cols) > self.k.backend.max_texture_rows):
             return None
-        if self._copied is not None and self._copied[0] is x and self._copied[1] == len(self.dispatches):
-            return self._copied[2]
-        tex = self.s.activation_texture(x.cols)
+        if self._copies_at == len(self.dispatches) and id(x) in self._copies:
+            return self._copies[id(x)][1]
+        tex = self.s.activation_texture(x.cols, 0)
         self._dispatch("to_texture", {}, {"D4": x.cols // 4}, {0: x.bind(), 1: tex, 2: self._step()},
                        -(-self.m_cap * x.cols // 256), f"to texture {x.cols}")
+        self._copies, self._copies_at = {id(x): (x, tex)}, len(self.dispatches)
         return tex
+
+    def _y_texture(self, w: Weight, out: Tensor | None, params: dict, read) -> tuple | None:
+        """(out, the texture a mat-vec of `w` also writes its output to: params ytex), where the next
+        mat-vec can read that texture instead of a copy (shaders/matvec.wgsl.j2: ytex); None where not:
+        no tensor of the whole output given, a weight in parts or of rows not in fours, or the texture
+        the mat-vec reads (`read`) the one it would write."""
+        if (out is None or read is None or not params.get("xshare") or len(w.parts) != 1 or w.rows % 4
+                or params["rows"] % 4 or out.cols != w.rows or out.offset or out.rows != 1):
+            return None
+        tex = self.s.activation_texture(out.cols, 1)
+        return None if tex is read else (out, tex)
 
     def gated_mlp(self, x: Tensor, gate: Weight, up: Weight, act: str = "silu") -> Tensor:
         """act(x gate^T) * (x up^T): SwiGLU with act "silu", GeGLU with "gelu"."""
         x = self._norm_now(x)
         if x.rows == 1 and gate.qtype == up.qtype and gate.parts_like(up) and gate.texture == up.texture:
             out = self._tensor(gate.rows, 1)
-            self._matvec(gate, x, out.bind(), "glu", w2=up, act=act)
+            self._matvec(gate, x, out.bind(), "glu", w2=up, act=act, written=out)
             return out
         params = self.k.variant("matmul", qtype=gate.qtype, epilogue="glu", bias=False, act=act, wtex=gate.texture)
         if params.get("xshare") and gate.qtype == up.qtype and gate.parts_like(up) and gate.texture == up.texture:

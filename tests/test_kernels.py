@@ -269,18 +269,21 @@ def test_gated_mlp_over_tokens_with_each_matmul(rig, qtype, variant):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_products_of_one_input_in_one_dispatch(rig, qtype):
     """q, k and v for one token: one mat-vec dispatch over two or three weights of different row counts,
-    with every mat-vec variant the tuner may choose, each output a view at an aligned offset."""
+    with every mat-vec variant the tuner may choose, each output a view at an aligned offset (after the
+    copy of its input into a texture, where the shared ones read activations from textures)."""
     k = shapes_for(qtype)[1][1]
     rows = [300, 77, 130] if qtype not in K_BLOCKS else [130, 77, 33]
     ws = [rig.weight(rig.rng.standard_normal((n, k)), qtype, f"w{i}") for i, n in enumerate(rows)]
     x = rig.rng.standard_normal(k)
+    rig.step(0, 1)
     try:
         for variant in matvec_variants(rig):
             rig.k.tuning = {"matvec": variant}
             for count in (2, 3):
                 g = GraphBuilder(rig.k, rig.state, 1)
                 outs = g.linears(rig.tensor(x), [w for w, _ in ws[:count]])
-                assert len(g.dispatches) == 1, variant
+                copy = ["to_texture"] * (rig.k.activation_textures and variant.get("xshare", False))
+                assert [d.family for d in g.dispatches] == copy + ["matvec"], variant
                 rig.be.submit(rig.be.create_plan(g.dispatches))
                 for out, (_, wv) in zip(outs, ws):
                     assert out.offset % 256 == 0 and out.cols == wv.shape[0]
@@ -326,18 +329,21 @@ def test_rmsnorm_read_by_the_next_mat_mats(rig, qtype, variant):
 
 
 @pytest.mark.parametrize("where", ["textures", "buffers", "textures too small"])
-def test_prefill_activations_read_from_textures_and_from_buffers_give_the_same_layer(rig, where, monkeypatch):
-    """A layer's mat-mats over several tokens with each shared mat-mat this adapter runs, their activations
-    copied into textures (to_texture) or read from storage, or in storage because no texture of the
-    adapter's holds them: the same results. One copy serves mat-mats of one input that follow one another
-    (q and k of a normed residual); the residual is copied again once something has written it."""
+@pytest.mark.parametrize("m,m_cap", [(37, 64), (1, 1)])
+def test_activations_read_from_textures_and_from_buffers_give_the_same_layer(rig, where, m, m_cap, monkeypatch):
+    """A layer's mat-mats (prefill) or mat-vecs (decode) with each shared kernel this adapter runs, their
+    activations copied into textures (to_texture) or read from storage, or in storage because no texture
+    of the adapter's holds them: the same results. One copy serves readers of one input that follow one
+    another (q and k of a normed residual); the residual is copied again once something has written it.
+    A decode mat-vec writes its output to a texture too (ytex: the residual's adds, the gated product, a
+    product with a bias), which the next reads without a copy."""
     monkeypatch.setattr(rig.k, "activation_textures", where != "buffers")
     if where == "textures too small":
         monkeypatch.setattr(rig.be, "max_texture_rows", 1)
-    k, n, m, m_cap = 192, 96, 37, 64     # 64 tokens of 192 values: 3 texture rows
+    k, n = 192, 96     # 64 tokens of 192 values: 3 texture rows
     (wa, va), (wb, vb) = (rig.weight(rig.rng.standard_normal((n, k)), "Q4_1", f"w{i}") for i in range(2))
     wo, vo = rig.weight(rig.rng.standard_normal((k, n)), "Q4_1", "wo")
-    nw = rig.rng.standard_normal(k)
+    nw, bias = rig.rng.standard_normal(k), rig.rng.standard_normal(n)
     h = np.zeros((m_cap, k))
     h[:m] = rig.rng.standard_normal((m, k)) * 3
 
@@ -348,14 +354,14 @@ def test_prefill_activations_read_from_textures_and_from_buffers_give_the_same_l
     p, q = normed(want_h) @ va.T, normed(want_h) @ vb.T
     want_h += p @ vo.T
     a, b = normed(want_h) @ va.T, normed(want_h) @ vb.T
-    s = a / (1 + np.exp(-a)) * b
-    want_h += s @ vo.T
-    shared = [v for v in runnable_matmuls(rig) if v.get("xshare")]
+    want_h += (a / (1 + np.exp(-a)) * b) @ vo.T
+    r = want_h @ va.T + bias
+    shared = [v for v in (runnable_matmuls(rig) if m > 1 else matvec_variants(rig)) if v.get("xshare")]
     if not shared:
-        pytest.skip("no subgroups: the mat-mats that read activations from textures are never chosen here")
+        pytest.skip("no subgroups: the kernels that read activations from textures are never chosen here")
     try:
         for variant in shared:
-            rig.k.tuning = {"matmul": variant}
+            rig.k.tuning = {"matmul" if m > 1 else "matvec": variant}
             rig.step(0, m)
 
             def layer(g):
@@ -364,14 +370,17 @@ def test_prefill_activations_read_from_textures_and_from_buffers_give_the_same_l
                 g.linear(gp, wo, accumulate=ht)
                 gs = g.gated_mlp(g.normed(ht, norm, 1e-5), wa, wb)
                 g.linear(gs, wo, accumulate=ht)
-                return gp, gq, ht
+                return gp, gq, ht, g.linear(ht, wa, bias=rig.vector(bias))
 
-            gp, gq, ht = rig.run(layer, m_cap)
+            gp, gq, ht, gr = rig.run(layer, m_cap)
             close(rig.read(gp, m * n).reshape(m, n), p, rtol=5e-5)
             close(rig.read(gq, m * n).reshape(m, n), q, rtol=5e-5)
             close(rig.read(ht, m * k).reshape(m, k), want_h, rtol=1e-4)
-            # h for q and k, p, h again, the gated product
-            assert rig.families.count("to_texture") == (4 if where == "textures" else 0), variant
+            close(rig.read(gr, m * n).reshape(m, n), r, rtol=1e-4)
+            # prefill: h for q and k, p, h again, the gated product, h again; decode: h and p (q and k are
+            # views of one output), the rest written to textures by the mat-vec before
+            copies = 5 if m > 1 else 2
+            assert rig.families.count("to_texture") == (copies if where == "textures" else 0), variant
     finally:
         rig.k.tuning = {}
 
