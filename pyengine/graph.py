@@ -496,8 +496,24 @@ class GraphBuilder:
         if params.get("share") and q.rows > 1:        # a workgroup per (head, block of tokens)
             consts["BLOCKS"] = -(-q.rows // params["wg"])
             groups = n_heads * consts["BLOCKS"]
+        # decode: the output in a texture too, for the mat-vec after (_x_texture) where it reads one
+        tex = self._out_texture(out) if q.rows == 1 else None
+        if tex is not None:
+            params["otex"] = True
+            binds[8] = tex
         self._dispatch("attention", params, consts, binds, groups, f"attention {layer}")
+        if tex is not None:
+            self._copies, self._copies_at = {id(out): (out, tex)}, len(self.dispatches)
         return out
+
+    def _out_texture(self, out: Tensor):
+        """The texture a decode kernel writes `out` to as well, for a next mat-vec that reads its
+        activations from one (shaders/matvec.wgsl.j2: xtex; the first of out's width, which that
+        mat-vec does not write); None where mat-vecs read them from storage."""
+        if (not self.k.activation_textures or not self.k.variant("matvec").get("xshare") or out.cols % 4
+                or activation_texture_rows(self.s.max_chunk, out.cols) > self.k.backend.max_texture_rows):
+            return None
+        return self.s.activation_texture(out.cols, 0)
 
     def _fold_rope(self, q: Tensor, layer: int, n_kv_heads: int, head_dim: int, rope: dict) -> bool:
         """For one token whose q, k and v the last dispatch made (a fused mat-vec of the three), RoPE

@@ -34,7 +34,7 @@ VARIANTS = {
     "matvec": {"wg": 32, "rows": 4, "xshare": False, "norm": False, "xtex": False, "ytex": False},
     "matmul": {"wg": 64, "xshare": False, "rows": 1, "tmax": 8, "norm": False, "xtex": False},
     "rmsnorm": {"wg": 64},
-    "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1},   # decode: invocations a head's keys split over
+    "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1, "otex": False},   # decode: invocations a head's keys split over
 }
 
 TEXTURE_WIDTH = 1024         # texels (16 bytes) a row of a weight texture (shaders/_quant.wgsl.j2: weight_binding)

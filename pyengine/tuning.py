@@ -207,10 +207,13 @@ def tuning_weight(engine):
     return max((w for w in mats if w.qtype == main), key=lambda w: w.nbytes)
 
 
-def choice_key(backend, weight) -> str:
-    """The cache key of a measurement: the adapter and the shape of the weight it was timed on
-    (the best variant for a 64-wide test model is not the best for a 2048-wide layer)."""
-    return f"{adapter_key(backend)}:{weight.qtype}:{weight.rows}x{weight.cols}"
+def choice_key(backend, weight, activation_textures: bool = False) -> str:
+    """The cache key of a measurement: the adapter, the shape of the weight it was timed on (the best
+    variant for a 64-wide test model is not the best for a 2048-wide layer), and where the weights
+    and the activations lie (storage or textures: kernels.weight_textures, activation_textures), which
+    changes what each variant's loads cost."""
+    where = f"w{'tex' if getattr(weight, 'texture', False) else 'buf'}:x{'tex' if activation_textures else 'buf'}"
+    return f"{adapter_key(backend)}:{weight.qtype}:{weight.rows}x{weight.cols}:{where}"
 
 
 async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None]:
@@ -219,7 +222,7 @@ async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None
     weight = tuning_weight(engine)
     if weight is None:
         return defaults(engine.backend), "default", None
-    key = choice_key(engine.backend, weight)
+    key = choice_key(engine.backend, weight, engine.kernels.activation_textures)
     if cache and isinstance(cache.get(key), dict) and isinstance(cache[key].get("matvec"), dict):
         return {"matvec": cache[key]["matvec"]}, "cached", key
     variants = space(await subgroup_size(engine.backend, engine.kernels))

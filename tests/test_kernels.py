@@ -518,6 +518,11 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd
     folds = how != "separate" and ATTENTIONS[variant].get("decode_group", 1) >= nh // nkv
     rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
     use_variant(rig, "attention", ATTENTIONS[variant])
+    lanes = asyncio.run(tuning.subgroup_size(backend, rig.k))
+    # where the next mat-vec reads activations from a texture, decode writes its output to one as well
+    textured = rig.k.activation_textures and lanes >= 4
+    if textured:
+        rig.k.tuning["matvec"] = {"rows": 4, "wg": 32, "xshare": True, "xl": 8 if lanes >= 8 else 4}
     rng = np.random.default_rng(3)
     keys = np.zeros((0, nkv, hd))
     vals = np.zeros((0, nkv, hd))
@@ -542,6 +547,9 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd
         out = rig.run(build, m_cap)
         assert ("rope" not in rig.families) == (folds and n == 1 and not rig.state.kv.textures), rig.families
         got = rig.read(out, n * nh * hd).reshape(n, nh, hd)
+        if textured and n == 1:
+            raw = asyncio.run(rig.be.read_texture(rig.state.activation_texture(nh * hd, 0), nh * hd * 4))
+            np.testing.assert_array_equal(np.frombuffer(raw, np.float32), got.reshape(-1).astype(np.float32))
         for i in range(n):
             pos = pos0 + i
             kr = rope_np(k[i].reshape(nkv, hd), pos, base, n_rot, mode, ff, attn_factor)

@@ -85,6 +85,21 @@ def test_a_model_of_another_shape_is_measured_for_itself(tiny_llama, backend, ca
     e.close()
 
 
+def test_a_choice_is_measured_for_each_place_weights_and_activations_lie(tiny_llama, backend, cache, monkeypatch):
+    """A variant measured with activations read from storage says nothing of one reading textures (the
+    shared mat-vecs gain most there), nor with weights in buffers of textures: each has its own key."""
+    keys = set()
+    for acts in ("textures", "buffers"):
+        for weights in ("textures", "buffers"):
+            monkeypatch.setenv("PYENGINE_ACTIVATIONS", acts)
+            monkeypatch.setenv("PYENGINE_WEIGHTS", weights)
+            e = Engine.load(tiny_llama, backend, context_length=64)
+            assert e.tuning_source == "measured"      # not the choice of another placement
+            keys.add(e.tuning_key)
+            e.close()
+    assert len(keys) == 4 and set(json.loads(cache.read_text())) == keys
+
+
 def test_a_variant_timer_measures_the_real_kernel(tiny_llama, backend):
     e = Engine.load(tiny_llama, backend, context_length=64, tune=False)
     w = max((w for w in e.weights.values() if w.rows > 1 and w.qtype != "F32"), key=lambda w: w.nbytes)
@@ -148,7 +163,7 @@ def test_variants_are_timed_on_a_layer_weight_of_the_main_quant_type():
 
 def test_a_cached_choice_keeps_its_mat_vec_and_takes_the_prefill_kernels_by_todays_rule(tiny_llama, backend, cache):
     e = Engine.load(tiny_llama, backend, context_length=64, tune=False)
-    key = tuning.choice_key(backend, tuning.tuning_weight(e))
+    key = tuning.choice_key(backend, tuning.tuning_weight(e), e.kernels.activation_textures)
     rule = asyncio.run(tuning.rule_choice(e))
     e.close()
     saved = {"matvec": {"rows": 2, "wg": 32}, "matmul": {"xshare": False, "rows": 1}, "attention": {"share": False}}
