@@ -427,7 +427,7 @@ class Engine:
         q_width = a.n_heads * a.head_dim + 2 * a.n_kv_heads * a.head_dim
         working = (self.max_chunk * 4 * (3 * a.dim + q_width + 2 * a.ffn_dim) + 12 * UNIFORM_BYTES
                    + 3 * 4 * a.vocab_size + 64 * 1024)
-        if k.activation_textures:       # the prefill mat-mats' inputs, copied into textures (State.activation_texture)
+        if k.activation_textures:       # activations in textures, two a width (State.activation_texture)
             working += 2 * sum(activation_texture_rows(self.max_chunk, c) * TEXTURE_ROW_BYTES
                                for c in {a.dim, a.n_heads * a.head_dim, a.ffn_dim})
         return {"weights": weights, "kv_cache": kv, "working": working, "upload_staging": staging,

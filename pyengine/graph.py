@@ -395,8 +395,8 @@ class GraphBuilder:
     def _y_texture(self, w: Weight, out: Tensor | None, params: dict, read) -> tuple | None:
         """(out, the texture a mat-vec of `w` also writes its output to: params ytex), where the next
         mat-vec can read that texture instead of a copy (shaders/matvec.wgsl.j2: ytex); None where not:
-        no tensor of the whole output given, a weight in parts or of rows not in fours, or the texture
-        the mat-vec reads (`read`) the one it would write."""
+        a mat-vec that reads no texture (`read`: the one it reads) or reads the one it would write, no
+        tensor of the whole output given, a weight in parts or of rows not in fours."""
         if (out is None or read is None or not params.get("xshare") or len(w.parts) != 1 or w.rows % 4
                 or params["rows"] % 4 or out.cols != w.rows or out.offset or out.rows != 1):
             return None

@@ -101,7 +101,7 @@ class Kernels:
         }
         self.weight_textures = weight_textures(backend)
         self.kv_textures = _textures(backend, "PYENGINE_KV")
-        # the prefill mat-mats' activations (shaders/matmul.wgsl.j2: xtex)
+        # the activations the shared mat-mats and mat-vecs read (shaders/matmul.wgsl.j2, matvec.wgsl.j2: xtex)
         self.activation_textures = _textures(backend, "PYENGINE_ACTIVATIONS")
 
     def render(self, family: str, **params) -> str:
@@ -157,7 +157,7 @@ def weight_textures(backend) -> bool:
 def _textures(backend, variable: str) -> bool:
     """Textures on CPU adapters, unless `variable` (textures|buffers) says otherwise: the weights'
     choice (PYENGINE_WEIGHTS), the KV cache's (PYENGINE_KV, shaders/_common.wgsl.j2: kv_binding) or
-    the prefill mat-mats' activations' (PYENGINE_ACTIVATIONS, shaders/matmul.wgsl.j2: xtex)."""
+    the activations' the shared mat-mats and mat-vecs read (PYENGINE_ACTIVATIONS, graph._x_texture)."""
     choice = os.environ.get(variable, "")
     if choice not in ("", "textures", "buffers"):
         raise ValueError(f"{variable}={choice!r}: use textures or buffers")
