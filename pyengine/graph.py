@@ -381,8 +381,7 @@ class GraphBuilder:
         texels faster than they load storage (kernels.Kernels.activation_textures); None where x stays
         in its buffer. The copy is a dispatch (shaders/to_texture.wgsl.j2), made once for mat-mats of
         the same activations one after another (q, k and v)."""
-        if (not self.k.activation_textures or x.cols % 4
-                or activation_texture_rows(self.s.max_chunk, x.cols) > self.k.backend.max_texture_rows):
+        if not self._textured(x.cols):
             return None
         if self._copies_at == len(self.dispatches) and id(x) in self._copies:
             return self._copies[id(x)][1]
@@ -398,7 +397,8 @@ class GraphBuilder:
         a mat-vec that reads no texture (`read`: the one it reads) or reads the one it would write, no
         tensor of the whole output given, a weight in parts or of rows not in fours."""
         if (out is None or read is None or not params.get("xshare") or len(w.parts) != 1 or w.rows % 4
-                or params["rows"] % 4 or out.cols != w.rows or out.offset or out.rows != 1):
+                or params["rows"] % 4 or out.cols != w.rows or out.offset or out.rows != 1
+                or not self._textured(out.cols)):
             return None
         tex = self.s.activation_texture(out.cols, 1)
         return None if tex is read else (out, tex)
@@ -510,10 +510,16 @@ class GraphBuilder:
         """The texture a decode kernel writes `out` to as well, for a next mat-vec that reads its
         activations from one (shaders/matvec.wgsl.j2: xtex; the first of out's width, which that
         mat-vec does not write); None where mat-vecs read them from storage."""
-        if (not self.k.activation_textures or not self.k.variant("matvec").get("xshare") or out.cols % 4
-                or activation_texture_rows(self.s.max_chunk, out.cols) > self.k.backend.max_texture_rows):
+        if not self.k.variant("matvec").get("xshare") or not self._textured(out.cols):
             return None
         return self.s.activation_texture(out.cols, 0)
+
+    def _textured(self, cols: int) -> bool:
+        """Whether activations of `cols` values a token go into textures (State.activation_texture):
+        on adapters that read them from there (kernels.Kernels.activation_textures), in whole texels,
+        where a texture of the adapter's holds the largest chunk of them."""
+        return (self.k.activation_textures and cols % 4 == 0
+                and activation_texture_rows(self.s.max_chunk, cols) <= self.k.backend.max_texture_rows)
 
     def _fold_rope(self, q: Tensor, layer: int, n_kv_heads: int, head_dim: int, rope: dict) -> bool:
         """For one token whose q, k and v the last dispatch made (a fused mat-vec of the three), RoPE

@@ -42,7 +42,8 @@ TEXEL_BYTES = {"rgba32uint": 16, "rg32uint": 8}     # the texture formats kernel
 
 class Pending:
     """Bytes a submitted plan will have produced: `await` it for them. One that is never awaited
-    costs nothing (the read starts only when awaited, or is the browser's own)."""
+    costs no wait: natively the read starts only when awaited (its staging buffer goes with it),
+    in the browser it is the page's own."""
 
     __slots__ = ("_finish",)
 
