@@ -112,8 +112,9 @@ PREFILL_PARTS = {"as it runs": None, "without activation loads": mm_no_activatio
 PREFILL_TOKENS = 128
 # shapes of the shared mat-mat (rows and tokens an invocation, invocations a workgroup) --prefill --variants times
 # (with --glu, rows of each of gate and up: the engine runs half the rows of the store shape there)
-PREFILL_SHAPES = [(1, 8, 64), (2, 6, 16), (2, 8, 16), (2, 8, 32), (2, 10, 16), (3, 10, 16), (4, 8, 16), (4, 12, 16),
-                  (4, 16, 16), (6, 8, 16), (6, 10, 16), (6, 12, 16), (6, 16, 16), (8, 8, 8), (8, 10, 8)]
+PREFILL_SHAPES = [(1, 8, 64), (2, 6, 16), (2, 8, 16), (2, 8, 32), (2, 10, 16), (2, 16, 16), (3, 10, 16), (3, 16, 16),
+                  (4, 8, 16), (4, 12, 16), (4, 16, 16), (4, 24, 16), (4, 32, 16), (6, 8, 16), (6, 10, 16), (6, 12, 16),
+                  (6, 16, 16), (6, 24, 16), (8, 8, 8), (8, 10, 8), (8, 16, 8)]
 
 PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without scale loads": no_scale_loads,
          "without activation loads": no_activation_loads, "without 4-bit unpacking": no_unpacking,

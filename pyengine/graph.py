@@ -412,8 +412,8 @@ class GraphBuilder:
             return out
         params = self.k.variant("matmul", qtype=gate.qtype, epilogue="glu", bias=False, act=act, wtex=gate.texture)
         if params.get("xshare") and gate.qtype == up.qtype and gate.parts_like(up) and gate.texture == up.texture:
-            # gate and up in one pass over the activations, half the rows of each an invocation
-            params["rows"] = max(1, params["rows"] // 2)
+            # gate and up in one pass over the activations, glu_rows rows of each an invocation
+            params["rows"] = params.get("glu_rows") or max(1, params["rows"] // 2)
             out = self._tensor(gate.rows, x.rows)
             self._shared_matmul(x, gate, out, params, w2=up)
             return out

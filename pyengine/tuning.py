@@ -10,11 +10,12 @@ Where nothing was measured, DEFAULTS applies.
 
 The prefill mat-mat and attention are chosen by rule, not timed. On CPU adapters every invocation loads the
 activations it reads for itself, so the kernels share them: where subgroups hold at least 8 lanes
-(lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there; 4 rows by 8 tokens an
-invocation, gate and up 2 rows of each: each broadcast value serves 4 rows, each dequantized weight 8
-tokens, and a four of rows reads its scale words in one load; SmolLM2's mat-mats 8-35% faster than 6 rows
-by 10 tokens, the 1B shapes' 11-19%, where the accumulators of larger shapes no longer fit the
-registers: benchmarks/matvec_parts.py --prefill --variants); where they hold 4 (SwiftShader)
+(lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there; 4 rows by 16 tokens an
+invocation, gate and up 4 rows of each: each broadcast value serves 4 rows, each dequantized weight 16
+tokens, and a four of rows reads its scale words in one load. With the activations read from textures,
+4 by 16 beats 4 by 8 at SmolLM2's shapes and at the 1B's (gate and up 43 against 38 GFLOP/s and 47
+against 41, down 41 against 36 and 35 against 32; gate and up at 2 rows of each 34 and 35):
+benchmarks/matvec_parts.py --prefill --variants [--glu]); where they hold 4 (SwiftShader)
 by broadcasts from 4 lanes, 8 rows by 8 tokens an invocation (SmolLM2's 128-token prefill 9.1 -> 3.8 s
 there against the tiled kernel, which stays for CPU adapters without subgroups). GPUs keep the one-row
 tiled kernel. Prefill attention shares each key and value by broadcasts the same way where
@@ -43,8 +44,8 @@ SUBGROUP_SPACE = {"matvec": {4: [{"rows": 8, "wg": 16, "xshare": True},
                              8: [{"rows": 4, "wg": 32, "xshare": True, "xl": 8},
                                  {"rows": 8, "wg": 16, "xshare": True, "xl": 8}]}}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
-MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 4, "t": 8, "xl": 8}
-MATMUL_XSHARE4 = {"wg": 16, "xshare": True, "rows": 8, "t": 8, "xl": 4}
+MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 4, "glu_rows": 4, "t": 16, "xl": 8}
+MATMUL_XSHARE4 = {"wg": 16, "xshare": True, "rows": 8, "glu_rows": 4, "t": 8, "xl": 4}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 # CPU adapters: decode attention splits a head's keys over 8 invocations, not 32: fewer wait at its
 # barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token);

@@ -196,10 +196,10 @@ def test_rmsnorm_per_head_and_into_the_residual(rig):
 # the shared one
 MATMULS = {"tiled": {"xshare": False}, "tiled-cpu": tuning.MATMUL_CPU_TILED, "xshare": tuning.MATMUL_XSHARE,
            "xshare-4-lanes": tuning.MATMUL_XSHARE4,
-           "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "t": 3, "wg": 32},
+           "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "glu_rows": 2, "t": 3, "wg": 32},
            # two fours of rows an invocation reading their scale words by fours; gate and up one four each
-           "xshare-8x3": {**tuning.MATMUL_XSHARE, "rows": 8, "t": 3, "wg": 16},
-           "xshare-1x8": {**tuning.MATMUL_XSHARE, "rows": 1, "t": 8, "wg": 64}}
+           "xshare-8x3": {**tuning.MATMUL_XSHARE, "rows": 8, "glu_rows": 4, "t": 3, "wg": 16},
+           "xshare-1x8": {**tuning.MATMUL_XSHARE, "rows": 1, "glu_rows": 1, "t": 8, "wg": 64}}
 
 
 def matvec_variants(rig):
