@@ -210,14 +210,15 @@ class GraphBuilder:
         own dispatch. x must not change before they have read it."""
         return Normed(x, w, eps)
 
-    def _fuses_norm(self, x) -> bool:
-        """Whether the mat-mats or mat-vecs reading `x` (a Normed) apply its norm themselves: the
-        variants that share activations by subgroup broadcasts do."""
+    def _shares(self, x) -> bool:
+        """Whether the mat-mats or mat-vecs reading `x` share its activations by subgroup broadcasts:
+        those apply a Normed's norm themselves, and read activations from textures where the adapter
+        fetches texels faster (_x_texture)."""
         return bool(self.k.variant("matmul" if x.rows > 1 else "matvec").get("xshare"))
 
     def _norm_now(self, x):
         """A Normed whose readers cannot fold it in, computed; anything else as it is."""
-        if isinstance(x, Normed) and not self._fuses_norm(x):
+        if isinstance(x, Normed) and not self._shares(x):
             return self.rms_norm(x.x, x.w, x.eps)
         return x
 
@@ -243,7 +244,8 @@ class GraphBuilder:
         k = w.cols
         params = self.k.variant("matmul", qtype=w.qtype, epilogue=epilogue, bias=bias is not None, wtex=w.texture)
         if params.get("xshare"):
-            self._shared_matmul(x, w, out, params, bias=bias)
+            # the residual after its add in a texture too, for the mat-mat after (q, k, v or gate and up)
+            self._shared_matmul(x, w, out, params, bias=bias, written=out if accumulate is not None else None)
             return out
         t = self.k.matmul_tile(k, params["tmax"])
         uniform = t > 0
@@ -339,17 +341,23 @@ class GraphBuilder:
         self._read_copy(x, out, params, ytex)
 
     def _shared_matmul(self, x, w: Weight, out: Tensor, params: dict, bias: Weight | None = None,
-                       w2: Weight | None = None) -> None:
+                       w2: Weight | None = None, written: Tensor | None = None) -> None:
         """The mat-mat that shares activations by subgroup broadcasts: one dispatch a part of the weight
-        over every token (with w2, the "glu" epilogue's second weight, split at the same rows)."""
+        over every token (with w2, the "glu" epilogue's second weight, split at the same rows).
+        `written`: out, whose texture the mat-mat may write too (_y_texture)."""
         norm_binds, norm_consts = {}, {}
         xt = self._norm_binds(x, norm_binds, norm_consts, params)
         tex = self._x_texture(xt)
         if tex is not None:
             params["xtex"] = True
+        ytex = self._y_texture(w, written, params, tex)
+        if ytex is not None:
+            params["ytex"] = True
         for p, (row0, rows, buf) in enumerate(w.parts):
             binds, consts = dict(norm_binds), {**norm_consts, "N": rows, "K": w.cols, "ROW0": row0, "NOUT": w.rows}
             binds.update({0: buf, 1: tex if tex is not None else xt.bind(), 2: out.bind(), 3: self._step()})
+            if ytex is not None:
+                binds[13] = ytex[1]
             self._words(binds, w, 6, buf)
             if w2 is not None:
                 binds[4] = w2.parts[p][2]
@@ -359,7 +367,7 @@ class GraphBuilder:
             groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
             name = f"glu {w.name} {w2.name}" if w2 is not None else f"matmul {w.name}"
             self._dispatch("matmul", params, consts, binds, groups, name)
-        self._read_copy(xt, out, params)
+        self._read_copy(xt, out, params, ytex)
 
     def _read_copy(self, x, out, params: dict, written: tuple | None = None) -> None:
         """After the dispatches of a mat-mat or mat-vec that read x's texture (params xtex) into `out`:
@@ -392,12 +400,12 @@ class GraphBuilder:
         return tex
 
     def _y_texture(self, w: Weight, out: Tensor | None, params: dict, read) -> tuple | None:
-        """(out, the texture a mat-vec of `w` also writes its output to: params ytex), where the next
-        mat-vec can read that texture instead of a copy (shaders/matvec.wgsl.j2: ytex); None where not:
-        a mat-vec that reads no texture (`read`: the one it reads) or reads the one it would write, no
-        tensor of the whole output given, a weight in parts or of rows not in fours."""
+        """(out, the texture a mat-vec or mat-mat of `w` also writes its output to: params ytex), where
+        the next one can read that texture instead of a copy (shaders/matvec.wgsl.j2 and matmul.wgsl.j2:
+        ytex); None where not: one that reads no texture (`read`: the one it reads) or reads the one it
+        would write, no tensor of the whole output given, a weight in parts or of rows not in fours."""
         if (out is None or read is None or not params.get("xshare") or len(w.parts) != 1 or w.rows % 4
-                or params["rows"] % 4 or out.cols != w.rows or out.offset or out.rows != 1
+                or params["rows"] % 4 or out.cols != w.rows or out.offset or out._base is not None
                 or not self._textured(out.cols)):
             return None
         tex = self.s.activation_texture(out.cols, 1)
@@ -415,7 +423,7 @@ class GraphBuilder:
             # gate and up in one pass over the activations, glu_rows rows of each an invocation
             params["rows"] = params.get("glu_rows") or max(1, params["rows"] // 2)
             out = self._tensor(gate.rows, x.rows)
-            self._shared_matmul(x, gate, out, params, w2=up)
+            self._shared_matmul(x, gate, out, params, w2=up, written=out)
             return out
         g = self.linear(x, gate)
         u = self.linear(x, up)
@@ -496,8 +504,8 @@ class GraphBuilder:
         if params.get("share") and q.rows > 1:        # a workgroup per (head, block of tokens)
             consts["BLOCKS"] = -(-q.rows // params["wg"])
             groups = n_heads * consts["BLOCKS"]
-        # decode: the output in a texture too, for the mat-vec after (_x_texture) where it reads one
-        tex = self._out_texture(out) if q.rows == 1 else None
+        # the output in a texture too, for the mat-vec or mat-mat after (_x_texture) where it reads one
+        tex = self._out_texture(out)
         if tex is not None:
             params["otex"] = True
             binds[8] = tex
@@ -507,10 +515,10 @@ class GraphBuilder:
         return out
 
     def _out_texture(self, out: Tensor):
-        """The texture a decode kernel writes `out` to as well, for a next mat-vec that reads its
-        activations from one (shaders/matvec.wgsl.j2: xtex; the first of out's width, which that
-        mat-vec does not write); None where mat-vecs read them from storage."""
-        if not self.k.variant("matvec").get("xshare") or not self._textured(out.cols):
+        """The texture a kernel writes `out` to as well, for a next mat-vec or mat-mat that reads its
+        activations from one (shaders/matvec.wgsl.j2 and matmul.wgsl.j2: xtex; the first of out's
+        width, which that one does not write); None where they read them from storage."""
+        if not self._shares(out) or not self._textured(out.cols):
             return None
         return self.s.activation_texture(out.cols, 0)
 
