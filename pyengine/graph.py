@@ -149,6 +149,9 @@ class GraphBuilder:
         # the last fused mat-vec of several weights: (its dispatch, parameters, constants, bindings, its
         # outputs), for rope_attention to fold RoPE into (_fold_rope)
         self._fused: tuple | None = None
+        # shared mat-mats of one weight, {id(output): (its dispatch's index, output, parameters, constants,
+        # bindings)}, for rope_attention to fold RoPE into (_fold_rope_tokens)
+        self._made: dict = {}
         # activations whose texture is current, {id(tensor): (tensor, texture)}, for the dispatch added when
         # the plan held _copies_at dispatches (_x_texture)
         self._copies: dict = {}
@@ -367,6 +370,8 @@ class GraphBuilder:
             groups = (-(-rows // (params["wg"] * params["rows"])), -(-x.rows // params["t"]), 1)
             name = f"glu {w.name} {w2.name}" if w2 is not None else f"matmul {w.name}"
             self._dispatch("matmul", params, consts, binds, groups, name)
+        if w2 is None and len(w.parts) == 1 and out.cols == w.rows and not out.offset:
+            self._made[id(out)] = (len(self.dispatches) - 1, out, params, consts, binds)
         self._read_copy(xt, out, params, ytex)
 
     def _read_copy(self, x, out, params: dict, written: tuple | None = None) -> None:
@@ -490,6 +495,8 @@ class GraphBuilder:
         if rope is not None and q.rows == 1 and cache.textures and self._fold_rope(q, layer, n_kv_heads,
                                                                                    head_dim, rope):
             rope = None
+        if rope is not None and q.rows > 1 and self._fold_rope_tokens(q, layer, n_kv_heads, head_dim, rope):
+            rope = None
         if rope is not None:
             # each kv head's k and v written by one workgroup, into a cache it may also read (buffers)
             if q.rows == 1 and params["group"] == per_kv and not cache.textures:
@@ -550,6 +557,35 @@ class GraphBuilder:
                        {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds, made.workgroups,
                        made.label + " rope")
         self._fused = None
+        return True
+
+    def _fold_rope_tokens(self, q: Tensor, layer: int, n_kv_heads: int, head_dim: int, rope: dict) -> bool:
+        """For the step's tokens, where the last three dispatches are the shared mat-mats that made q, k
+        and v: RoPE ("norm" pairs) and the cache write in their epilogues (shaders/matmul.wgsl.j2: rope),
+        instead of the RoPE kernel's dispatch and its pass over them. Whether it did."""
+        made = [self._made.get(id(t)) for t in (q, rope["k"], rope["v"])]
+        end = len(self.dispatches)
+        if (None in made or sorted(m[0] for m in made) != [end - 3, end - 2, end - 1]
+                or any(m[1] is not t for m, t in zip(made, (q, rope["k"], rope["v"])))
+                or rope["mode"] != "norm" or head_dim % 4 or rope["n_rot"] % 2
+                or any(m[2]["rows"] % 4 or m[2].get("ytex") for m in made)):
+            return False
+        cache = self.s.kv
+        rp, rc = self._rope(**{n: a for n, a in rope.items() if n not in ("k", "v")})
+        for which, (index, out, params, consts, binds) in zip("qkv", made):
+            binds = dict(binds)
+            if which != "q":        # into the cache, not into Y
+                del binds[2]
+                binds[10 if which == "k" else 11] = (cache.k if which == "k" else cache.v)[layer]
+            factors = rp["freq_factors"] and which != "v"      # v is not rotated
+            if factors:
+                binds[12] = rope["freq_factors"].buffer
+            old = self.dispatches[index]
+            self._dispatch("matmul", {**params, "rope": which, "freq_factors": factors,
+                                      "kv_f16": cache.f16, "kvtex": cache.textures},
+                           {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds, old.workgroups,
+                           old.label + " rope")
+            self.dispatches[index] = self.dispatches.pop()
         return True
 
     def logits(self, x: Tensor, head: Weight) -> None:

@@ -611,6 +611,56 @@ def test_decode_rope_in_the_qkv_matvec(backend, kv_f16, n_rot, factors):
         close(np.frombuffer(raw, cache_dtype).astype(np.float32).reshape(-1, nkv, hd), want, rtol=tol)
 
 
+@pytest.mark.parametrize("kv_f16", [False, True])
+@pytest.mark.parametrize("mode,n_rot,factors,bias", [("norm", 32, False, False), ("norm", 20, True, True),
+                                                     ("neox", 32, False, False)])
+def test_prefill_rope_in_the_qkv_matmuls(backend, kv_f16, mode, n_rot, factors, bias):
+    """Prefill chunks through the shared mat-mats of q, k and v (with biases, as Qwen2's) and rope_attention:
+    RoPE's "norm" pairs and the cache write go into those mat-mats' epilogues (matmul.wgsl.j2: rope), no
+    RoPE dispatch; "neox" pairs keep it. The attention and the cache as RoPE on numpy's products make them."""
+    if kv_f16 and "shader-f16" not in backend.features:
+        pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
+    nh, nkv, hd, dim, base = 6, 2, 32, 96, 10000.0
+    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
+    lanes = asyncio.run(tuning.subgroup_size(backend, rig.k))
+    use_variant(rig, "matmul", tuning.MATMUL_XSHARE if lanes >= 8 else tuning.MATMUL_XSHARE4)
+    rng = np.random.default_rng(12)
+    (wq, q_w), (wk, k_w), (wv, v_w) = (rig.weight(rng.standard_normal((h * hd, dim)), "Q4_1", n)
+                                       for n, h in (("q", nh), ("k", nkv), ("v", nkv)))
+    bs = [rng.standard_normal(h * hd) if bias else np.zeros(h * hd) for h in (nh, nkv, nkv)]
+    ff = rng.uniform(1.0, 8.0, n_rot // 2) if factors else None
+    attn_factor = 1.2 if factors else 1.0
+    tol = 2e-3 if kv_f16 else 5e-5
+    keys, vals = np.zeros((0, nkv, hd)), np.zeros((0, nkv, hd))
+    for pos0, n, m_cap in [(0, 13, 16), (13, 30, 32)]:
+        x = np.zeros((m_cap, dim))
+        x[:n] = rng.standard_normal((n, dim))
+        rig.step(pos0, n)
+        xt = rig.tensor(x)
+
+        def build(g):
+            q, k, v = g.linears(xt, [wq, wk, wv], [rig.vector(b) for b in bs] if bias else None)
+            return g.rope_attention(q, k, v, 0, nh, nkv, hd, n_rot, base, mode,
+                                    freq_factors=rig.vector(ff) if factors else None, attn_factor=attn_factor)
+
+        out = rig.run(build, m_cap)
+        folded = sum(label.endswith(" rope") for label in rig.labels)
+        assert folded == (3 if mode == "norm" else 0), rig.labels
+        assert ("rope" in rig.families) == (mode != "norm"), rig.families
+        qs, ks, vs = (x[:n] @ w.T + b for w, b in zip((q_w, k_w, v_w), bs))
+        got = rig.read(out, n * nh * hd).reshape(n, nh, hd)
+        for i in range(n):
+            keys = np.concatenate([keys, rope_np(ks[i].reshape(nkv, hd), pos0 + i, base, n_rot, mode, ff,
+                                                 attn_factor)[None]])
+            vals = np.concatenate([vals, vs[i].reshape(nkv, hd)[None]])
+            qr = rope_np(qs[i].reshape(nh, hd), pos0 + i, base, n_rot, mode, ff, attn_factor)
+            close(got[i], attention_np(qr, keys, vals, nh // nkv), rtol=tol)
+    cache_dtype = np.float16 if kv_f16 else np.float32
+    for which, want in (("k", keys), ("v", vals)):
+        raw = asyncio.run(rig.state.kv.read(rig.be, which, 0, want.size * np.dtype(cache_dtype).itemsize))
+        close(np.frombuffer(raw, cache_dtype).astype(np.float32).reshape(-1, nkv, hd), want, rtol=tol)
+
+
 def topk_np(logits, counts, rep, presence, frequency, inv_t):
     l = logits.astype(np.float32).copy()
     hit = counts > 0
