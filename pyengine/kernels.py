@@ -31,7 +31,7 @@ RESULT_WORDS = 4 + 2 * TOPK   # a top-k record: [max, sum, bound, n, TOPK x (val
 
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
-    "matvec": {"wg": 32, "rows": 4, "xshare": False, "norm": False, "xtex": False, "ytex": False, "rope": False},
+    "matvec": {"wg": 32, "rows": 4, "xshare": False, "norm": False, "xtex": False, "ytex": False},
     "matmul": {"wg": 64, "xshare": False, "rows": 1, "tmax": 8, "norm": False, "xtex": False, "ytex": False, "rope": False},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1, "otex": False},   # decode: invocations a head's keys split over
