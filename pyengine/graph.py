@@ -149,8 +149,9 @@ class GraphBuilder:
         # the last fused mat-vec of several weights: (its dispatch, parameters, constants, bindings, its
         # outputs), for rope_attention to fold RoPE into (_fold_rope)
         self._fused: tuple | None = None
-        # shared mat-mats of one weight, {id(output): (its dispatch's index, output, parameters, constants,
-        # bindings)}, for rope_attention to fold RoPE into (_fold_rope_tokens)
+        # the last shared mat-mats of one weight among the last three dispatches, {id(output): (its
+        # dispatch's index, output, parameters, constants, bindings)}, for rope_attention to fold RoPE
+        # into (_fold_rope_tokens)
         self._made: dict = {}
         # activations whose texture is current, {id(tensor): (tensor, texture)}, for the dispatch added when
         # the plan held _copies_at dispatches (_x_texture)
@@ -371,7 +372,10 @@ class GraphBuilder:
             name = f"glu {w.name} {w2.name}" if w2 is not None else f"matmul {w.name}"
             self._dispatch("matmul", params, consts, binds, groups, name)
         if w2 is None and len(w.parts) == 1 and out.cols == w.rows and not out.offset:
-            self._made[id(out)] = (len(self.dispatches) - 1, out, params, consts, binds)
+            # only the last three can fold RoPE in; holding older outputs would keep the pool from reusing them
+            end = len(self.dispatches)
+            self._made = {i: m for i, m in self._made.items() if m[0] >= end - 3}
+            self._made[id(out)] = (end - 1, out, params, consts, binds)
         self._read_copy(xt, out, params, ytex)
 
     def _read_copy(self, x, out, params: dict, written: tuple | None = None) -> None:

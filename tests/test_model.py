@@ -56,6 +56,14 @@ def test_greedy_continuation_matches_reference_for_32_tokens(engine, reference, 
     assert greedy(engine, ids, 32) == reference.greedy(ids, 32)
 
 
+def test_prefill_plans_keep_within_the_stated_working_memory(engine):
+    """The scratch buffers of the prefill plans, up to the largest chunk, fit in the working memory that
+    memory_plan states: a layer's activations reuse the buffers of the layer before."""
+    for n in (16, 200, engine.max_chunk):
+        engine._prefill_plan(n)
+    assert 0 < engine.state.pool.nbytes <= engine.memory["working"]
+
+
 def test_capital_of_france(engine):
     gen = engine.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0.0)
     text = "".join(collect(gen))
