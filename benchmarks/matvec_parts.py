@@ -253,7 +253,7 @@ async def main():
         step = be.create_buffer(256, "step")
         be.write_buffer(step, 0, struct.pack("<II", 0, tokens))
         groups = (-(-a.rows // (variant["wg"] * variant["rows"])), -(-tokens // variant["t"]), 1)
-        parts, names = PREFILL_PARTS, {1: "X_t" if k.activation_textures else "X["}
+        parts, names = PREFILL_PARTS, {1: "x_t" if k.activation_textures else "X["}
         wslots = (0, 6)
         consts = {"N": a.rows, "K": a.cols, "ROW0": 0, "NOUT": a.rows}
         fixed = {2: Binding(y), 3: Binding(step)}

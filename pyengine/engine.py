@@ -145,8 +145,9 @@ class State:
 
     def activation_texture(self, cols: int, index: int):
         """A texture the mat-mats and mat-vecs read activations of `cols` values a token from, for up to
-        max_chunk tokens (graph.GraphBuilder._x_texture): two for each width (copies go to the first,
-        mat-vecs write their outputs to the second: one that reads the first can write the second),
+        max_chunk tokens (graph.GraphBuilder._x_texture): two for each width (copies and attention write
+        the first, mat-vecs and mat-mats their outputs the second: one that reads the first can write
+        the second),
         shared by every plan (each is read by the dispatches right after the one that wrote it)."""
         tex = self._act_textures.get((cols, index))
         if tex is None:

@@ -170,11 +170,12 @@ def _textures(backend, variable: str) -> bool:
 
 def kv_texture_rows(context: int, n_kv_heads: int, head_dim: int) -> int:
     """Rows of a layer's k (or v) cache texture: a texel a vec4 of a head (kv_binding)."""
-    return max(1, -(-context * n_kv_heads * (head_dim // 4) // TEXTURE_WIDTH))
+    return activation_texture_rows(context, n_kv_heads * head_dim)
 
 
 def activation_texture_rows(tokens: int, cols: int) -> int:
-    """Rows of a texture holding `tokens` tokens of `cols` f32 activations, a texel 4 of them."""
+    """Rows of a texture holding `tokens` tokens of `cols` values, a texel 4 of them (activations, a
+    layer's keys or values)."""
     return max(1, -(-tokens * (cols // 4) // TEXTURE_WIDTH))
 
 
