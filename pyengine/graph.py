@@ -220,9 +220,15 @@ class GraphBuilder:
         fetches texels faster (_x_texture)."""
         return bool(self.k.variant("matmul" if x.rows > 1 else "matvec").get("xshare"))
 
+    def _folds_norm(self, x) -> bool:
+        """Whether the mat-mats or mat-vecs reading `x` apply a Normed's norm themselves: those that share
+        activations by broadcasts, and the mat-vecs that split rows over invocations (matvec.wgsl.j2: split)."""
+        params = self.k.variant("matmul" if x.rows > 1 else "matvec")
+        return bool(params.get("xshare") or params.get("split"))
+
     def _norm_now(self, x):
         """A Normed whose readers cannot fold it in, computed; anything else as it is."""
-        if isinstance(x, Normed) and not self._shares(x):
+        if isinstance(x, Normed) and not self._folds_norm(x):
             return self.rms_norm(x.x, x.w, x.eps)
         return x
 
@@ -315,13 +321,16 @@ class GraphBuilder:
         """The mat-vec's parameters for weight `w`, the binding of its input and its rows per workgroup."""
         params = self.k.variant("matvec", qtype=w.qtype, x_uniform=self.k.matvec_uniform(w.cols), wtex=w.texture,
                                 **extra)
+        if params.get("split"):     # its invocations read other activations: from storage
+            params["x_uniform"] = False
         uniform = params["x_uniform"] and not params["xshare"]
+        per_group = params["wg"] // (params.get("split") or 1) * params["rows"]
         x = x.x if isinstance(x, Normed) else x       # its norm's binding: _norm_binds
         tex = self._x_texture(x) if params["xshare"] else None
         if tex is not None:
             params["xtex"] = True
-            return params, tex, params["wg"] * params["rows"]
-        return params, x.window() if uniform else x.bind(), params["wg"] * params["rows"]
+            return params, tex, per_group
+        return params, x.window() if uniform else x.bind(), per_group
 
     def _matvec(self, w: Weight, x: Tensor, out, epilogue: str, w2: Weight | None = None,
                 bias: Weight | None = None, act: str = "silu", written: Tensor | None = None):

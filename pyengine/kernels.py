@@ -31,7 +31,7 @@ RESULT_WORDS = 4 + 2 * TOPK   # a top-k record: [max, sum, bound, n, TOPK x (val
 
 # variant table: operation -> template parameters (before device features are added)
 VARIANTS = {
-    "matvec": {"wg": 32, "rows": 4, "xshare": False, "norm": False, "xtex": False, "ytex": False},
+    "matvec": {"wg": 32, "rows": 4, "xshare": False, "split": 0, "norm": False, "xtex": False, "ytex": False},
     "matmul": {"wg": 64, "xshare": False, "rows": 1, "tmax": 8, "norm": False, "xtex": False, "ytex": False, "rope": False},
     "rmsnorm": {"wg": 64},
     "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1, "otex": False},   # decode: invocations a head's keys split over
@@ -109,6 +109,8 @@ class Kernels:
         p.update(params)
         if "qtype" in p:            # repacked types keep scale words apart, read through a u32 view
             p["words"] = p["qtype"] in REPACKED_QTYPES
+        if p.get("kv_f16"):         # any kernel given an f16 cache declares f16, whatever made its params
+            p["f16"] = True
         return self.env.get_template(f"{family}.wgsl.j2").render(**p)
 
     def pipeline(self, family: str, params: dict, constants: dict):

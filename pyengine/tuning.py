@@ -43,6 +43,10 @@ SUBGROUP_SPACE = {"matvec": {4: [{"rows": 8, "wg": 16, "xshare": True},
                                  {"rows": 12, "wg": 16, "xshare": True}],
                              8: [{"rows": 4, "wg": 32, "xshare": True, "xl": 8},
                                  {"rows": 8, "wg": 16, "xshare": True, "xl": 8}]}}
+# GPUs: invocations split each four of rows over its blocks (matvec.wgsl.j2: split), which reads the weights
+# in runs a subgroup loads together; the other shapes give each invocation whole rows
+GPU_SPACE = {"matvec": [{"rows": 4, "wg": 64, "split": 8}, {"rows": 4, "wg": 64, "split": 16},
+                        {"rows": 4, "wg": 128, "split": 32}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 4, "glu_rows": 4, "t": 16, "xl": 8}
 MATMUL_XSHARE4 = {"wg": 16, "xshare": True, "rows": 8, "glu_rows": 4, "t": 8, "xl": 4}
@@ -55,19 +59,22 @@ MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
 ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
 ATTENTION_SHARE4 = {**ATTENTION_SHARE, "xl": 4}
-VERSION = 10      # a change to the kernels, the space or the key makes older measurements stale
+VERSION = 11      # a change to the kernels, the space or the key makes older measurements stale
 
 
-def space(lanes: int) -> list[dict]:
-    """The mat-vec variants timed on an adapter whose subgroups hold `lanes` (0: no subgroups)."""
+def space(lanes: int, gpu: bool = False) -> list[dict]:
+    """The mat-vec variants timed on an adapter whose subgroups hold `lanes` (0: no subgroups); on a GPU
+    the split ones too, not on CPU adapters (lavapipe, SwiftShader), where one invocation is one SIMD
+    lane of a core and the variants that keep whole rows in one win."""
     extra = SUBGROUP_SPACE["matvec"][8 if lanes >= 8 else 4] if lanes >= 4 else []
-    return SPACE["matvec"] + extra
+    return SPACE["matvec"] + extra + (GPU_SPACE["matvec"] if gpu else [])
 
 
 def every_variant(lanes: int) -> list[dict]:
     """Every mat-vec variant some adapter may choose that runs on subgroups of `lanes` (the shared ones
     need 4 or 8)."""
-    return SPACE["matvec"] + [v for need, vs in SUBGROUP_SPACE["matvec"].items() if lanes >= need for v in vs]
+    return (SPACE["matvec"] + [v for need, vs in SUBGROUP_SPACE["matvec"].items() if lanes >= need for v in vs]
+            + GPU_SPACE["matvec"])
 
 
 def adapter_key(backend) -> str:
@@ -169,13 +176,14 @@ async def norm_timer(engine, norm, repeat: int = 8):
     return once
 
 
-async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5, norm=None) -> list[float]:
+async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5, norm=None,
+                           repeat: int = 8) -> list[float]:
     """Seconds per mat-vec for each variant (with `norm`, then seconds per RMSNorm dispatch last): the
     timers take turns, round after round, and each keeps its fastest time, so a burst of other work on
     the machine weighs on none of them alone."""
-    timers = [await matvec_timer(engine, weight, v) for v in variants]
+    timers = [await matvec_timer(engine, weight, v, repeat) for v in variants]
     if norm is not None:
-        timers.append(await norm_timer(engine, norm))
+        timers.append(await norm_timer(engine, norm, repeat))
     best = [float("inf")] * len(timers)
     for _ in range(rounds):
         for i, once in enumerate(timers):
@@ -186,12 +194,13 @@ async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5
 def step_costs(engine, weight, variants: list[dict], times: list[float]) -> list[float]:
     """Seconds a decode step spends in mat-vecs and the RMSNorms before them with each variant: its time on
     `weight` scaled to every weight a step reads, plus, for the variants that do not fold the norms into
-    the mat-vecs (only those sharing activations by broadcasts do), a dispatch per norm (two a layer and
-    the last one; the RMSNorm's time is times[-1]). On lavapipe a dispatch costs 50-100 us whatever it
+    the mat-vecs (those sharing activations by broadcasts or splitting rows do), a dispatch per norm (two
+    a layer and the last one; the RMSNorm's time is times[-1]). On lavapipe a dispatch costs 50-100 us whatever it
     does: SmolLM2's 61 norms weigh as much as a 10% slower mat-vec."""
     scale = sum(w.nbytes for w in engine.weights.values() if w.rows > 1) / weight.nbytes
     norms = 2 * engine.args.n_layers + 1
-    return [t * scale + (0.0 if v.get("xshare") else norms * times[-1]) for v, t in zip(variants, times)]
+    return [t * scale + (0.0 if v.get("xshare") or v.get("split") else norms * times[-1])
+            for v, t in zip(variants, times)]
 
 
 def tuning_weight(engine):
@@ -226,9 +235,12 @@ async def tune(engine, cache: dict | None = None) -> tuple[dict, str, str | None
     key = choice_key(engine.backend, weight, engine.kernels.activation_textures)
     if cache and isinstance(cache.get(key), dict) and isinstance(cache[key].get("matvec"), dict):
         return {"matvec": cache[key]["matvec"]}, "cached", key
-    variants = space(await subgroup_size(engine.backend, engine.kernels))
+    gpu = not is_cpu(engine.backend)
+    variants = space(await subgroup_size(engine.backend, engine.kernels), gpu)
     norm = next((w for w in engine.weights.values() if w.rows == 1 and w.cols == engine.args.dim), None)
-    times = await measure_variants(engine, weight, variants, norm=norm)
+    # a GPU runs a mat-vec in microseconds: enough of them in a replay that the submission's own cost
+    # does not swamp the differences
+    times = await measure_variants(engine, weight, variants, norm=norm, repeat=64 if gpu else 8)
     if norm is not None:
         times = step_costs(engine, weight, variants, times)
     return {"matvec": dict(variants[times.index(min(times))])}, "measured", key

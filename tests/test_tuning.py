@@ -42,8 +42,9 @@ def test_the_fastest_variant_is_chosen_then_read_from_the_cache(tiny_llama, back
     assert first.tuning == {"matvec": fast, **asyncio.run(tuning.rule_choice(first))}
     assert first.tuning_source == "measured"
     assert first.tuning_key.startswith(tuning.adapter_key(backend) + ":")      # and the weight's shape
-    assert built == tuning.space(lanes(backend))
-    assert calls == tuning.space(lanes(backend)) * 5          # the variants take turns, round after round
+    timed = tuning.space(lanes(backend), gpu=not tuning.is_cpu(backend))
+    assert built == timed
+    assert calls == timed * 5          # the variants take turns, round after round
     assert any('"rows": 2' in key[1] for key in first.kernels._pipelines if key[0] == "matvec")
     assert json.loads(cache.read_text())[first.tuning_key] == first.tuning
     first.close()
@@ -122,18 +123,28 @@ def test_the_choice_counts_the_norms_a_variant_leaves_to_dispatches_of_their_own
     assert costs[0] == pytest.approx(1.0e-4 * scale + (2 * e.args.n_layers + 1) * 2e-5)
     assert costs[1] == pytest.approx(1.05e-4 * scale)
     assert tuning.step_costs(e, w, [plain, shared], [1.0e-4, 1.05e-4, 1e-9])[0] < 1.05e-4 * scale
+    split = tuning.GPU_SPACE["matvec"][0]      # folds the norms in too
+    assert tuning.step_costs(e, w, [plain, split], [1.0e-4, 1.05e-4, 2e-5])[1] == pytest.approx(1.05e-4 * scale)
     e.close()
 
 
 def test_every_variant_gives_the_same_logits(tiny_llama, backend):
+    """The variants that keep a row in one invocation add its blocks in the same order: the same logits,
+    bit for bit. The split ones add each invocation's blocks, then the invocations' sums: the same up to
+    rounding."""
     ids = list(range(3, 40))
     outs = []
     for variant in tuning.every_variant(lanes(backend)):
         e = Engine.load(tiny_llama, backend, context_length=64, tuning={"matvec": variant}, tune=False)
-        outs.append(np.array(asyncio.run(e.logits(ids))))
+        outs.append((variant, np.array(asyncio.run(e.logits(ids)))))
         e.close()
-    for o in outs[1:]:
-        np.testing.assert_array_equal(o, outs[0])
+    assert any(v.get("split") for v, _ in outs)
+    first = outs[0][1]
+    for variant, o in outs[1:]:
+        if variant.get("split"):
+            np.testing.assert_allclose(o, first, rtol=1e-5, atol=1e-5 * np.abs(first).max())
+        else:
+            np.testing.assert_array_equal(o, first)
 
 
 def test_defaults_tell_cpu_adapters_from_gpus(backend):
@@ -144,7 +155,7 @@ def test_defaults_tell_cpu_adapters_from_gpus(backend):
     cpu.adapter_info = {"vendor": "google", "architecture": "swiftshader", "device": "", "description": ""}
     gpu.adapter_info = {"vendor": "nvidia", "architecture": "hopper", "device": "H100", "description": ""}
     assert tuning.defaults(cpu)["matvec"]["rows"] > 1 and tuning.defaults(gpu)["matvec"]["rows"] == 1
-    assert tuning.defaults(backend)["matvec"]["rows"] > 1          # lavapipe
+    assert (tuning.defaults(backend)["matvec"]["rows"] > 1) == tuning.is_cpu(backend)     # lavapipe: a CPU
 
 
 def test_variants_are_timed_on_a_layer_weight_of_the_main_quant_type():
@@ -186,3 +197,13 @@ def test_the_variants_timed_follow_the_subgroup_size():
     assert shared(8) and shared(32) == shared(8) and all(v["xl"] == 8 for v in shared(8))
     assert all(v in tuning.every_variant(8) for v in shared(4) + shared(8))
     assert not any(v in tuning.every_variant(4) for v in shared(8))     # those load with 8 lanes
+
+
+def test_gpus_also_time_the_mat_vecs_that_split_rows_over_invocations():
+    """The split mat-vecs (matvec.wgsl.j2: split) are timed on GPUs, whatever their subgroups, and not on CPU
+    adapters, where one invocation is a SIMD lane; the kernel tests run them everywhere (every_variant)."""
+    for lanes in (0, 4, 8, 32):
+        split = [v for v in tuning.space(lanes, gpu=True) if v.get("split")]
+        assert split and all(v["rows"] == 4 and v["wg"] % v["split"] == 0 for v in split)
+        assert not any(v.get("split") for v in tuning.space(lanes))
+        assert all(v in tuning.every_variant(lanes) for v in split)
