@@ -186,7 +186,7 @@ async def time_variants(be, k, w, nbytes, a):
         code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False,
                         x_uniform=uniform, act="silu", **v)
         pipe = be.create_pipeline(code, {"N": a.rows, "K": a.cols, "ROW0": 0}, "mat-vec")
-        groups = (-(-a.rows // (v["wg"] * v["rows"])), 1, 1)
+        groups = (-(-a.rows // k.matvec_rows_per_workgroup(v)), 1, 1)
         plans[json.dumps(v)] = be.create_plan([
             Dispatch(pipe, {**weight_binds(k, wi, 0, 4), 1: Binding(x, 0, UNIFORM_BYTES if uniform else None),
                             2: Binding(y)}, groups, "mat-vec")
@@ -267,7 +267,7 @@ async def main():
                         x_uniform=not variant["xshare"], act="silu", **variant)
         x = be.create_buffer(UNIFORM_BYTES, "activations")
         y = be.create_buffer(a.rows * 4, "out")
-        groups = (-(-a.rows // (variant["wg"] * variant["rows"])), 1, 1)
+        groups = (-(-a.rows // k.matvec_rows_per_workgroup(variant)), 1, 1)
         parts, names = PARTS, {1: "x["}
         wslots = (0, 4)
         consts = {"N": a.rows, "K": a.cols, "ROW0": 0}

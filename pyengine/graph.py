@@ -324,7 +324,7 @@ class GraphBuilder:
         if params.get("split"):     # its invocations read other activations: from storage
             params["x_uniform"] = False
         uniform = params["x_uniform"] and not params["xshare"]
-        per_group = params["wg"] // (params.get("split") or 1) * params["rows"]
+        per_group = self.k.matvec_rows_per_workgroup(params)
         x = x.x if isinstance(x, Normed) else x       # its norm's binding: _norm_binds
         tex = self._x_texture(x) if params["xshare"] else None
         if tex is not None:

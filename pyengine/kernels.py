@@ -124,6 +124,12 @@ class Kernels:
         return pipe
 
     @staticmethod
+    def matvec_rows_per_workgroup(params: dict) -> int:
+        """Rows of the weight one workgroup of the mat-vec `params` computes: `rows` an invocation, or
+        with `split` a group of `rows` for every `split` invocations (shaders/matvec.wgsl.j2)."""
+        return params["wg"] // (params.get("split") or 1) * params["rows"]
+
+    @staticmethod
     def matvec_uniform(k: int) -> bool:
         return k * 4 <= UNIFORM_BYTES
 
