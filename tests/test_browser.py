@@ -216,3 +216,59 @@ def test_browser_benchmark_reports_loads_speed_memory_and_calls_per_token(site):
     assert r["js_calls_per_token"] <= 5            # DESIGN.md rule 1: a handful of calls per token
     assert r["page_memory_peak_while_loading_mb"] >= r["page_memory_after_load_mb"] > 0
     assert r["bandwidth"]["gb_s"] > 0 and "matvec" in r["profile"]["kernels"]
+
+
+COMPILE_JS = """async (codes) => {
+  const adapter = await navigator.gpu.requestAdapter();
+  const features = ["shader-f16", "subgroups"].filter((f) => adapter.features.has(f));
+  const device = await adapter.requestDevice({ requiredFeatures: features });
+  const errors = [];
+  for (const [name, code] of codes) {
+    const info = await device.createShaderModule({ code }).getCompilationInfo();
+    for (const m of info.messages) if (m.type === "error") errors.push(`${name}: ${m.lineNum}: ${m.message}`);
+  }
+  return { features, errors };
+}"""
+
+
+def test_the_mat_vecs_a_gpu_may_choose_compile_in_chromium(browser, site):
+    """Chromium's WGSL compiler (Tint) checks what the native one (naga) lets through, such as barriers in
+    non-uniform control flow. The mat-vecs GPUs choose (split ones: workgroup barriers) run in no browser
+    test here, where the adapter is a CPU: each variant, in the shapes decode gives it (norm folded in,
+    gate and up, q, k and v with RoPE, the residual), must compile in Chromium as pyengine's browser
+    backend renders it."""
+    from pyengine import tuning
+    from pyengine.kernels import Kernels
+
+    _, url = site
+    ctx, page = open_page(browser, url)
+    try:
+        probe = page.evaluate(COMPILE_JS, [])
+        assert probe["errors"] == []
+
+        class GPU:          # the browser backend on a GPU with the page's features (buffers, no textures)
+            name = "browser"
+            features = set(probe["features"])
+            adapter_info = {"vendor": "nvidia", "architecture": "hopper", "device": "", "description": ""}
+            max_texture_rows = 8192
+
+        k = Kernels(GPU())
+        lanes = 32 if "subgroups" in GPU.features else 0
+        shapes = [dict(qtype="Q4_1", epilogue="store", bias=True),
+                  dict(qtype="Q4_0", epilogue="glu", bias=False, act="silu", norm=True),
+                  dict(qtype="Q6_K", epilogue="accumulate", bias=False),
+                  dict(qtype="Q8_0", epilogue="store", bias=False, multi=3, rope=True, freq_factors=True,
+                       kv_f16=False, kvtex=False, norm=True)]
+        codes = []
+        for v in tuning.every_variant(lanes):
+            for s in shapes:
+                if s.get("norm") and not (v.get("xshare") or v.get("split")):
+                    continue
+                if s.get("rope") and v["rows"] % 4:
+                    continue
+                params = k.variant("matvec", x_uniform=not v.get("xshare") and not v.get("split"), **v, **s)
+                codes.append((f"{v} {s['qtype']} {s['epilogue']}", k.render("matvec", **params)))
+        assert sum("'split'" in name for name, _ in codes) >= 3 * len(shapes)
+        assert page.evaluate(COMPILE_JS, codes)["errors"] == []
+    finally:
+        ctx.close()
