@@ -5,10 +5,10 @@ CPU adapters (lavapipe, SwiftShader) want several rows per invocation (the activ
 read once for them all), GPUs want many invocations, and there the ones that split a four of rows over
 its blocks (matvec.wgsl.j2: split), whose subgroups load the weights in runs, win (an H100 on Vulkan:
 decode 4.2x at Llama 3.2 1B's shapes, 2.3x for SmolLM2); on CPU adapters those lose 5-9x and are not
-timed. The first load on an adapter times each
-variant on one of the model's own weights and keeps the fastest; the result is cached (a JSON
-file natively, IndexedDB in the browser) under the adapter's name and the shape of the weight
-it was timed on, so later loads of a model of that shape skip it.
+timed. The first load on an adapter times each variant on one of the model's own weights and keeps
+the fastest; the result is cached (a JSON file natively, IndexedDB in the browser) under the
+adapter's name and the shape of the weight it was timed on, so later loads of a model of that shape
+skip it.
 Where nothing was measured, DEFAULTS applies.
 
 The prefill mat-mat and attention are chosen by rule, not timed. On CPU adapters every invocation loads the
@@ -198,8 +198,8 @@ def step_costs(engine, weight, variants: list[dict], times: list[float]) -> list
     """Seconds a decode step spends in mat-vecs and the RMSNorms before them with each variant: its time on
     `weight` scaled to every weight a step reads, plus, for the variants that do not fold the norms into
     the mat-vecs (those sharing activations by broadcasts or splitting rows do), a dispatch per norm (two
-    a layer and the last one; the RMSNorm's time is times[-1]). On lavapipe a dispatch costs 50-100 us whatever it
-    does: SmolLM2's 61 norms weigh as much as a 10% slower mat-vec."""
+    a layer and the last one; the RMSNorm's time is times[-1]). On lavapipe a dispatch costs 50-100 us
+    whatever it does: SmolLM2's 61 norms weigh as much as a 10% slower mat-vec."""
     scale = sum(w.nbytes for w in engine.weights.values() if w.rows > 1) / weight.nbytes
     norms = 2 * engine.args.n_layers + 1
     return [t * scale + (0.0 if v.get("xshare") or v.get("split") else norms * times[-1])
