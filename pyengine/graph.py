@@ -505,14 +505,17 @@ class GraphBuilder:
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}
         binds = {0: q.bind(), 1: cache.k[layer], 2: cache.v[layer], 3: out.bind(), 4: self._step()}
-        if rope is not None and q.rows == 1 and cache.textures and self._fold_rope(q, layer, n_kv_heads,
-                                                                                   head_dim, rope):
+        # decode: RoPE and the cache write in the attention where one workgroup takes a kv head's query
+        # heads and the cache is a buffer it may write and read, else in the mat-vec of q, k and v
+        attention_ropes = q.rows == 1 and params["group"] == per_kv and not cache.textures
+        if (rope is not None and q.rows == 1 and not attention_ropes
+                and self._fold_rope(q, layer, n_kv_heads, head_dim, rope)):
             rope = None
         if rope is not None and q.rows > 1 and self._fold_rope_tokens(q, layer, n_kv_heads, head_dim, rope):
             rope = None
         if rope is not None:
             # each kv head's k and v written by one workgroup, into a cache it may also read (buffers)
-            if q.rows == 1 and params["group"] == per_kv and not cache.textures:
+            if attention_ropes:
                 rp, rc = self._rope(**{n: a for n, a in rope.items() if n not in ("k", "v")})
                 params.update(rope=True, **rp)
                 consts.update(rc)
@@ -552,7 +555,8 @@ class GraphBuilder:
     def _fold_rope(self, q: Tensor, layer: int, n_kv_heads: int, head_dim: int, rope: dict) -> bool:
         """For one token whose q, k and v the last dispatch made (a fused mat-vec of the three), RoPE
         ("norm" pairs) and the cache write in that mat-vec's epilogue (shaders/matvec.wgsl.j2: rope),
-        where the decode attention cannot take them: a dispatch a layer fewer. Whether it did."""
+        where the decode attention cannot take them (a cache in textures, or query heads of one kv head
+        over several workgroups, as on GPUs): a dispatch a layer fewer. Whether it did."""
         if self._fused is None or self._fused[0] is not self.dispatches[-1]:
             return False
         made, params, consts, binds, outs = self._fused

@@ -572,14 +572,19 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd
 
 @pytest.mark.parametrize("kv_f16", [False, True])
 @pytest.mark.parametrize("n_rot,factors", [(32, False), (20, True)])
-def test_decode_rope_in_the_qkv_matvec(backend, kv_f16, n_rot, factors):
-    """Decode steps through one mat-vec of q, k and v and rope_attention: where the cache lies in textures
-    RoPE and the cache write go into that mat-vec (matvec.wgsl.j2: rope); the attention and the cache as
-    RoPE on numpy's products would make them."""
+@pytest.mark.parametrize("where", ["textures", "buffers", "buffers, a kv head's query heads a workgroup"])
+def test_decode_rope_in_the_qkv_matvec(backend, kv_f16, n_rot, factors, where):
+    """Decode steps through one mat-vec of q, k and v and rope_attention: RoPE and the cache write go into
+    that mat-vec (matvec.wgsl.j2: rope), except where the attention takes them (a cache in buffers and
+    one workgroup for the query heads of a kv head); the attention and the cache as RoPE on numpy's
+    products would make them."""
     if kv_f16 and "shader-f16" not in backend.features:
         pytest.skip("adapter without shader-f16: the f16 variant is never chosen there")
     nh, nkv, hd, dim, base = 6, 2, 32, 96, 10000.0
-    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
+    rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16, kv_textures=where == "textures")
+    grouped = where.endswith("workgroup")
+    if grouped:
+        rig.k.tuning["attention"] = dict(tuning.ATTENTION_CPU)      # 4 a workgroup: the 3 of each kv head
     rng = np.random.default_rng(11)
     (wq, q_w), (wk, k_w), (wv, v_w) = (rig.weight(rng.standard_normal((h * hd, dim)), "Q4_1", n)
                                        for n, h in (("q", nh), ("k", nkv), ("v", nkv)))
@@ -599,8 +604,8 @@ def test_decode_rope_in_the_qkv_matvec(backend, kv_f16, n_rot, factors):
 
         out = rig.run(build, 1)
         folded = sum(label.endswith(" rope") for label in rig.labels)
-        assert folded == (1 if rig.state.kv.textures else 0), rig.labels
-        assert ("rope" in rig.families) == (not folded and rig.k.variant("attention")["decode_group"] < nh // nkv)
+        assert folded == (0 if grouped else 1), rig.labels
+        assert "rope" not in rig.families, rig.families
         kr = rope_np((k_w @ x).reshape(nkv, hd), pos, base, n_rot, "norm", ff, attn_factor)
         keys = np.concatenate([keys, kr[None]])
         vals = np.concatenate([vals, (v_w @ x).reshape(nkv, hd)[None]])
