@@ -21,6 +21,7 @@ from .gpu import Binding, Dispatch, split_workgroups
 from .kernels import TEXTURE_ROW_BYTES
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .tuning import is_cpu
 
 FILLER = ("The history of computing is a story of people who wanted machines to do arithmetic faster "
           "than any clerk could, and of the ideas, from punched cards to transistors, that let them. ")
@@ -77,25 +78,32 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
     """The read bandwidth a streaming kernel reaches on this adapter: the ceiling for decode, which
     reads every weight once per token."""
     size = min(mb << 20, backend.max_storage_binding, backend.max_buffer_size) // 256 * 256
-    shapes = [(1, "interleaved", False), (4, "interleaved", False), (4, "chunked", False)]
+    threads = 16384
+    shapes = [(1, "interleaved", False, threads), (4, "interleaved", False, threads), (4, "chunked", False, threads)]
     row = TEXTURE_ROW_BYTES
     if kernels.weight_textures:     # weights lie in textures: the same bytes read from one too (as mat-vecs do)
         size = min(size, backend.max_texture_rows * row) // row * row
-        shapes.append((4, "interleaved", True))
-    threads = 16384
+        shapes.append((4, "interleaved", True, threads))
+    if not is_cpu(backend):
+        # a GPU hides a load's latency behind other invocations' loads: 16384 of them leave an H100's
+        # memory mostly idle (0.4-0.5 TB/s), so also 16x as many, each reading 16x less
+        threads = 16 * threads
+        shapes += [(4, "interleaved", False, threads), (1, "interleaved", False, threads)]
     src = backend.create_buffer(size, "bandwidth source")
     dst = backend.create_buffer(threads * 4, "bandwidth sink")
     variants, tex = {}, None
     try:
-        for vec, layout, texture in shapes:
+        for vec, layout, texture, n in shapes:
             if texture:
                 tex = backend.create_texture(size // row, "bandwidth texture")
                 backend.copy_to_texture(src, tex)
             pipe = kernels.pipeline("bandwidth", {"vec": vec, "layout": layout, "wtex": texture},
-                                    {"N": size // (4 * vec), "THREADS": threads})
+                                    {"N": size // (4 * vec), "THREADS": n})
             plan = backend.create_plan([Dispatch(pipe, {0: Binding(tex if texture else src), 1: Binding(dst)},
-                                                 split_workgroups(threads // 64), "bandwidth", "bandwidth")])
+                                                 split_workgroups(n // 64), "bandwidth", "bandwidth")])
             name = "texture" if texture else f"{layout} {'vec4' if vec == 4 else 'u32'}"
+            if n != 16384:
+                name += f", {n} invocations"
             variants[name] = round(size / await _time_plan(backend, plan, reps) / 1e9, 3)
     finally:
         for b in (src, dst, tex):

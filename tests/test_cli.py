@@ -122,3 +122,19 @@ def test_an_adapter_is_chosen_by_name_and_an_unknown_one_is_named(tiny_llama):
     assert res.returncode == 0, res.stderr
     assert_user_error(pyengine("info", "--model", tiny_llama, "--adapter", "no-such-gpu"),
                       "no WebGPU adapter matches 'no-such-gpu'; found:")
+
+
+def test_the_bandwidth_kernel_gives_gpus_more_invocations(backend, monkeypatch):
+    """A GPU hides a load's latency behind other invocations' loads, so on one the streaming kernel also
+    runs with 16x the invocations a CPU adapter gets, and the limit is the best of the shapes."""
+    from conftest import run
+    from pyengine import bench
+    from pyengine.kernels import Kernels
+
+    k = Kernels(backend)
+    cpu = run(bench.measure_bandwidth(backend, k, mb=16, reps=1))
+    monkeypatch.setattr(bench, "is_cpu", lambda b: False)
+    gpu = run(bench.measure_bandwidth(backend, k, mb=16, reps=1))
+    assert not any("invocations" in name for name in cpu["variants_gb_s"])
+    assert sum(name.endswith("262144 invocations") for name in gpu["variants_gb_s"]) == 2
+    assert gpu["gb_s"] == max(gpu["variants_gb_s"].values()) > 0
