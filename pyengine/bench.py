@@ -78,16 +78,16 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
     """The read bandwidth a streaming kernel reaches on this adapter: the ceiling for decode, which
     reads every weight once per token."""
     size = min(mb << 20, backend.max_storage_binding, backend.max_buffer_size) // 256 * 256
-    threads = 16384
-    shapes = [(1, "interleaved", False, threads), (4, "interleaved", False, threads), (4, "chunked", False, threads)]
+    threads = base = 16384
+    shapes = [(1, "interleaved", False, base), (4, "interleaved", False, base), (4, "chunked", False, base)]
     row = TEXTURE_ROW_BYTES
     if kernels.weight_textures:     # weights lie in textures: the same bytes read from one too (as mat-vecs do)
         size = min(size, backend.max_texture_rows * row) // row * row
-        shapes.append((4, "interleaved", True, threads))
+        shapes.append((4, "interleaved", True, base))
     if not is_cpu(backend):
         # a GPU hides a load's latency behind other invocations' loads: 16384 of them leave an H100's
         # memory mostly idle (0.4-0.5 TB/s), so also 16x as many, each reading 16x less
-        threads = 16 * threads
+        threads = 16 * base
         shapes += [(4, "interleaved", False, threads), (1, "interleaved", False, threads)]
     src = backend.create_buffer(size, "bandwidth source")
     dst = backend.create_buffer(threads * 4, "bandwidth sink")
@@ -102,7 +102,7 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
             plan = backend.create_plan([Dispatch(pipe, {0: Binding(tex if texture else src), 1: Binding(dst)},
                                                  split_workgroups(n // 64), "bandwidth", "bandwidth")])
             name = "texture" if texture else f"{layout} {'vec4' if vec == 4 else 'u32'}"
-            if n != 16384:
+            if n != base:
                 name += f", {n} invocations"
             variants[name] = round(size / await _time_plan(backend, plan, reps) / 1e9, 3)
     finally:
