@@ -231,12 +231,12 @@ COMPILE_JS = """async (codes) => {
 }"""
 
 
-def test_the_mat_vecs_a_gpu_may_choose_compile_in_chromium(browser, site):
+def test_the_kernels_a_gpu_may_choose_compile_in_chromium(browser, site):
     """Chromium's WGSL compiler (Tint) checks what the native one (naga) lets through, such as barriers in
-    non-uniform control flow. The mat-vecs GPUs choose (split ones: workgroup barriers) run in no browser
-    test here, where the adapter is a CPU: each variant, in the shapes decode gives it (norm folded in,
-    gate and up, q, k and v with RoPE, the residual), must compile in Chromium as pyengine's browser
-    backend renders it."""
+    non-uniform control flow. The mat-vecs GPUs choose (split ones: workgroup barriers) and their prefill
+    mat-mats (broadcasts from 8 lanes) run in no browser test here, where the adapter is a CPU with 4-lane
+    subgroups: each, in the shapes decode and prefill give it (norm folded in, gate and up, q, k and v
+    with RoPE, the residual), must compile in Chromium as pyengine's browser backend renders it."""
     from pyengine import tuning
     from pyengine.kernels import Kernels
 
@@ -269,6 +269,19 @@ def test_the_mat_vecs_a_gpu_may_choose_compile_in_chromium(browser, site):
                 params = k.variant("matvec", x_uniform=not v.get("xshare") and not v.get("split"), **v, **s)
                 codes.append((f"{v} {s['qtype']} {s['epilogue']}", k.render("matvec", **params)))
         assert sum("'split'" in name for name, _ in codes) >= 3 * len(shapes)
+        # the prefill mat-mats GPUs with subgroups take (tuning.rule_choice), in the shapes prefill gives them
+        mm_shapes = [dict(qtype="Q4_1", epilogue="store", bias=True),
+                     dict(qtype="Q4_0", epilogue="glu", bias=False, act="silu", norm=True),
+                     dict(qtype="Q6_K", epilogue="accumulate", bias=False),
+                     dict(qtype="Q8_0", epilogue="store", bias=False, rope="k", freq_factors=True, kv_f16=False,
+                          kvtex=False, norm=True)]
+        for v in (tuning.MATMUL_XSHARE, tuning.MATMUL_XSHARE4) if lanes else ():
+            for s in mm_shapes:
+                params = k.variant("matmul", **{**v, **s})
+                if s["epilogue"] == "glu":
+                    params["rows"] = params["glu_rows"]
+                codes.append((f"matmul {v} {s['qtype']} {s['epilogue']}", k.render("matmul", **params)))
+        assert sum(name.startswith("matmul") for name, _ in codes) == (2 * len(mm_shapes) if lanes else 0)
         assert page.evaluate(COMPILE_JS, codes)["errors"] == []
     finally:
         ctx.close()

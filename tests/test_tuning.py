@@ -158,6 +158,22 @@ def test_defaults_tell_cpu_adapters_from_gpus(backend):
     assert (tuning.defaults(backend)["matvec"]["rows"] > 1) == tuning.is_cpu(backend)     # lavapipe: a CPU
 
 
+def test_gpus_take_the_shared_mat_mat_by_rule_and_keep_their_attention():
+    """Prefill on a GPU: the mat-mat that shares activations by broadcasts where subgroups allow (8 lanes or
+    more, or 4), else the tiled one; the attention keeps the GPU defaults (32 invocations a head's keys)."""
+    class GPU:
+        name = "native"
+        adapter_info = {"vendor": "nvidia", "architecture": "", "device": "H100", "description": "",
+                        "adapter_type": "DiscreteGPU"}
+
+    for lanes, want in ((32, tuning.MATMUL_XSHARE), (8, tuning.MATMUL_XSHARE), (4, tuning.MATMUL_XSHARE4),
+                        (0, {"xshare": False})):
+        be = GPU()
+        be.features, be.subgroup_size = ({"subgroups"} if lanes else set()), lanes
+        engine = type("E", (), {"backend": be, "kernels": None})
+        assert asyncio.run(tuning.rule_choice(engine)) == {"matmul": want}
+
+
 def test_variants_are_timed_on_a_layer_weight_of_the_main_quant_type():
     def w(qtype, rows, cols, nbytes):
         return type("W", (), {"qtype": qtype, "rows": rows, "cols": cols, "nbytes": nbytes, "parts": [0]})
