@@ -565,14 +565,16 @@ class GraphBuilder:
             return False
         cache = self.s.kv
         rp, rc = self._rope(**{n: a for n, a in rope.items() if n not in ("k", "v")})
+        folded = {**params, "rope": True, "freq_factors": rp["freq_factors"], "kv_f16": cache.f16,
+                  "kvtex": cache.textures}
+        if not self.k.fits("matvec", folded):      # a cache in buffers binds two more
+            return False
         binds = {**binds, 9: self._step(), 10: cache.k[layer], 11: cache.v[layer]}
         if rope["freq_factors"] is not None:
             binds[12] = rope["freq_factors"].buffer
         self.dispatches.pop()
-        self._dispatch("matvec", {**params, "rope": True, "freq_factors": rp["freq_factors"],
-                                  "kv_f16": cache.f16, "kvtex": cache.textures},
-                       {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds, made.workgroups,
-                       made.label + " rope")
+        self._dispatch("matvec", folded, {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds,
+                       made.workgroups, made.label + " rope")
         self._fused = None
         return True
 
@@ -589,7 +591,11 @@ class GraphBuilder:
             return False
         cache = self.s.kv
         rp, rc = self._rope(**{n: a for n, a in rope.items() if n not in ("k", "v")})
-        for which, (index, out, params, consts, binds) in zip("qkv", made):
+        folded = [{**m[2], "rope": which, "freq_factors": rp["freq_factors"] and which != "v",
+                   "kv_f16": cache.f16, "kvtex": cache.textures} for which, m in zip("qkv", made)]
+        if not all(self.k.fits("matmul", p) for p in folded):
+            return False
+        for which, (index, out, params, consts, binds), fparams in zip("qkv", made, folded):
             binds = dict(binds)
             if which != "q":        # into the cache, not into Y
                 del binds[2]
@@ -598,10 +604,8 @@ class GraphBuilder:
             if factors:
                 binds[12] = rope["freq_factors"].buffer
             old = self.dispatches[index]
-            self._dispatch("matmul", {**params, "rope": which, "freq_factors": factors,
-                                      "kv_f16": cache.f16, "kvtex": cache.textures},
-                           {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds, old.workgroups,
-                           old.label + " rope")
+            self._dispatch("matmul", fparams, {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds,
+                           old.workgroups, old.label + " rope")
             self.dispatches[index] = self.dispatches.pop()
         return True
 

@@ -123,6 +123,11 @@ class Kernels:
             self._pipelines[key] = pipe
         return pipe
 
+    def fits(self, family: str, params: dict) -> bool:
+        """Whether the kernel binds no more storage buffers than the device allows one kernel (folding more
+        work into one kernel binds more: a KV cache in buffers, RoPE's frequency factors)."""
+        return self.render(family, **params).count("var<storage") <= self.backend.max_storage_buffers
+
     @staticmethod
     def matvec_rows_per_workgroup(params: dict) -> int:
         """Rows of the weight one workgroup of the mat-vec `params` computes: `rows` an invocation, or

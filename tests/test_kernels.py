@@ -604,8 +604,12 @@ def test_decode_rope_in_the_qkv_matvec(backend, kv_f16, n_rot, factors, where):
 
         out = rig.run(build, 1)
         folded = sum(label.endswith(" rope") for label in rig.labels)
-        assert folded == (0 if grouped else 1), rig.labels
-        assert "rope" not in rig.families, rig.families
+        # the folded mat-vec binds 10 storage buffers from a cache in buffers (W, W2, W3, their scale words,
+        # y, the step, k and v caches), 11 with frequency factors: it folds only where the device allows
+        # as many (SwiftShader: 10), else RoPE keeps its kernel
+        folds = not grouped and (where == "textures" or rig.be.max_storage_buffers >= 10 + bool(factors))
+        assert folded == int(folds), rig.labels
+        assert ("rope" in rig.families) == (not folds and not grouped), rig.families
         kr = rope_np((k_w @ x).reshape(nkv, hd), pos, base, n_rot, "norm", ff, attn_factor)
         keys = np.concatenate([keys, kr[None]])
         vals = np.concatenate([vals, (v_w @ x).reshape(nkv, hd)[None]])

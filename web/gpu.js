@@ -75,6 +75,7 @@ export class Replayer {
         maxBufferSize: l.maxBufferSize,
         maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
         maxTextureDimension2D: l.maxTextureDimension2D,
+        maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
       },
     });
   }

@@ -64,6 +64,7 @@ class Backend:
     max_buffer_size: int
     max_workgroups_per_dim: int
     max_texture_rows: int = 0    # rows of the largest 2D texture (0: no weight textures)
+    max_storage_buffers: int = 8     # storage buffers one kernel may bind (WebGPU's default limit)
 
     def create_buffer(self, size: int, label: str = "", kind: str = "storage"):
         raise NotImplementedError

@@ -35,6 +35,7 @@ class BrowserBackend(Backend):
         self.max_buffer_size = lim["maxBufferSize"]
         self.max_workgroups_per_dim = lim["maxComputeWorkgroupsPerDimension"]
         self.max_texture_rows = lim.get("maxTextureDimension2D", 0)
+        self.max_storage_buffers = lim.get("maxStorageBuffersPerShaderStage", 8)
         self.bytes_allocated = 0
         self.calls = 0   # calls into JavaScript, for the benchmark
 

@@ -90,6 +90,7 @@ class NativeBackend(Backend):
         self.max_buffer_size = limits["max-buffer-size"]
         self.max_workgroups_per_dim = lim["max-compute-workgroups-per-dimension"]
         self.max_texture_rows = limits["max-texture-dimension-2d"]
+        self.max_storage_buffers = limits["max-storage-buffers-per-shader-stage"]
         self._staging: list = []     # read-back buffers free for the next submit_and_read_later
         self.bytes_allocated = 0
         self._live: dict[int, int] = {}
