@@ -221,10 +221,8 @@ class GraphBuilder:
         return bool(self.k.variant("matmul" if x.rows > 1 else "matvec").get("xshare"))
 
     def _folds_norm(self, x) -> bool:
-        """Whether the mat-mats or mat-vecs reading `x` apply a Normed's norm themselves: those that share
-        activations by broadcasts, and the mat-vecs that split rows over invocations (matvec.wgsl.j2: split)."""
-        params = self.k.variant("matmul" if x.rows > 1 else "matvec")
-        return bool(params.get("xshare") or params.get("split"))
+        """Whether the mat-mats or mat-vecs reading `x` apply a Normed's norm themselves (Kernels.folds_norm)."""
+        return self.k.folds_norm(self.k.variant("matmul" if x.rows > 1 else "matvec"))
 
     def _norm_now(self, x):
         """A Normed whose readers cannot fold it in, computed; anything else as it is."""
@@ -600,8 +598,7 @@ class GraphBuilder:
             if which != "q":        # into the cache, not into Y
                 del binds[2]
                 binds[10 if which == "k" else 11] = (cache.k if which == "k" else cache.v)[layer]
-            factors = rp["freq_factors"] and which != "v"      # v is not rotated
-            if factors:
+            if fparams["freq_factors"]:        # v is not rotated
                 binds[12] = rope["freq_factors"].buffer
             old = self.dispatches[index]
             self._dispatch("matmul", fparams, {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds,

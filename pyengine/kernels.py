@@ -91,6 +91,7 @@ class Kernels:
         self.env.globals.update(QUADS=QUAD_QTYPES, tex_width=TEXTURE_WIDTH,
                                 tex_shift=TEXTURE_WIDTH.bit_length() - 1, fail=_template_error)
         self._pipelines: dict = {}
+        self._codes: dict = {}
         self.tuning: dict = {}      # op -> parameters measured best on this adapter (pyengine/tuning.py)
         self.device_params = {
             "backend": "dawn" if backend.name == "browser" else "naga",
@@ -113,11 +114,19 @@ class Kernels:
             p["f16"] = True
         return self.env.get_template(f"{family}.wgsl.j2").render(**p)
 
+    def code(self, family: str, params: dict) -> str:
+        """The WGSL of kernel `family` with `params`, rendered once."""
+        key = (family, json.dumps(params, sort_keys=True))
+        code = self._codes.get(key)
+        if code is None:
+            code = self._codes[key] = self.render(family, **params)
+        return code
+
     def pipeline(self, family: str, params: dict, constants: dict):
         key = (family, json.dumps(params, sort_keys=True), json.dumps(constants, sort_keys=True))
         pipe = self._pipelines.get(key)
         if pipe is None:
-            code = self.render(family, **params)
+            code = self.code(family, params)
             label = family + "".join(f".{k}={v}" for k, v in sorted(params.items()))
             pipe = self.backend.create_pipeline(code, constants, label)
             self._pipelines[key] = pipe
@@ -126,7 +135,13 @@ class Kernels:
     def fits(self, family: str, params: dict) -> bool:
         """Whether the kernel binds no more storage buffers than the device allows one kernel (folding more
         work into one kernel binds more: a KV cache in buffers, RoPE's frequency factors)."""
-        return self.render(family, **params).count("var<storage") <= self.backend.max_storage_buffers
+        return self.code(family, params).count("var<storage") <= self.backend.max_storage_buffers
+
+    @staticmethod
+    def folds_norm(params: dict) -> bool:
+        """Whether a mat-mat or mat-vec of `params` applies the RMSNorm of its input itself (norm): those
+        sharing activations by broadcasts (xshare) and the mat-vecs splitting rows over invocations (split)."""
+        return bool(params.get("xshare") or params.get("split"))
 
     @staticmethod
     def matvec_rows_per_workgroup(params: dict) -> int:

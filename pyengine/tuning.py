@@ -37,6 +37,7 @@ import time
 
 from .gpu import Binding, Dispatch
 from .graph import GraphBuilder
+from .kernels import Kernels
 
 SPACE = {"matvec": [{"rows": 1, "wg": 64}, {"rows": 2, "wg": 32}, {"rows": 4, "wg": 32}]}
 # with subgroups: activations shared by broadcasts, 4 lanes (SwiftShader) each loading a quarter of a block's
@@ -206,8 +207,7 @@ def step_costs(engine, weight, variants: list[dict], times: list[float]) -> list
     whatever it does: SmolLM2's 61 norms weigh as much as a 10% slower mat-vec."""
     scale = sum(w.nbytes for w in engine.weights.values() if w.rows > 1) / weight.nbytes
     norms = 2 * engine.args.n_layers + 1
-    return [t * scale + (0.0 if v.get("xshare") or v.get("split") else norms * times[-1])
-            for v, t in zip(variants, times)]
+    return [t * scale + (0.0 if Kernels.folds_norm(v) else norms * times[-1]) for v, t in zip(variants, times)]
 
 
 def tuning_weight(engine):

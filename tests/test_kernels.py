@@ -704,6 +704,7 @@ def test_every_kernel_given_an_f16_cache_declares_f16(backend, monkeypatch, kv_t
         code = rig.k.render(family, **{**params, "kv_f16": True})
         assert code.lstrip().startswith("enable f16;"), (family, params)
 
+
 def topk_np(logits, counts, rep, presence, frequency, inv_t):
     l = logits.astype(np.float32).copy()
     hit = counts > 0
