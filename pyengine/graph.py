@@ -138,6 +138,13 @@ def result_index(vocab: int) -> int:
     return index
 
 
+class _Kernel(tuple):
+    """A dispatch's kernel before it is compiled: (family, parameters, constants)."""
+
+    def __new__(cls, family: str, params: dict, constants: dict):
+        return super().__new__(cls, (family, dict(params), dict(constants)))     # as they are now
+
+
 class GraphBuilder:
     """Turns op calls into dispatches for a plan over up to `m_cap` tokens."""
 
@@ -145,7 +152,9 @@ class GraphBuilder:
         self.k = kernels
         self.s = state          # persistent buffers: step, kv cache, logits, counts, results
         self.m_cap = m_cap
-        self.dispatches: list[Dispatch] = []
+        # the plan's dispatches so far; each holds its kernel as (family, parameters, constants) until
+        # `dispatches` compiles it, so that one a fold replaces (_fold_rope, _fold_rope_tokens) never compiles
+        self._ops: list[Dispatch] = []
         # the last fused mat-vec of several weights: (its dispatch, parameters, constants, bindings, its
         # outputs), for rope_attention to fold RoPE into (_fold_rope)
         self._fused: tuple | None = None
@@ -159,6 +168,14 @@ class GraphBuilder:
         self._copies_at = -1
         self.s.pool.begin()
 
+    @property
+    def dispatches(self) -> list[Dispatch]:
+        """The plan's dispatches, their kernels compiled."""
+        for d in self._ops:
+            if isinstance(d.pipeline, _Kernel):
+                d.pipeline = self.k.pipeline(*d.pipeline)
+        return self._ops
+
     # -- helpers ------------------------------------------------------------
 
     def _tensor(self, cols: int, rows: int | None = None) -> Tensor:
@@ -167,11 +184,11 @@ class GraphBuilder:
         return Tensor(self.s.pool.alloc(rows * cols * F32 + UNIFORM_BYTES), rows, cols, self.s.pool)
 
     def _dispatch(self, family, params, constants, bindings, workgroups, label=""):
-        pipe = self.k.pipeline(family, params, constants)
+        pipe = _Kernel(family, params, constants)
         binds = {i: (b if isinstance(b, Binding) else Binding(b)) for i, b in bindings.items()}
         if isinstance(workgroups, int):
             workgroups = split_workgroups(workgroups, self.k.backend.max_workgroups_per_dim)
-        self.dispatches.append(Dispatch(pipe, binds, workgroups, label or family, family))
+        self._ops.append(Dispatch(pipe, binds, workgroups, label or family, family))
 
     def _step(self):
         return self.s.step
@@ -312,7 +329,7 @@ class GraphBuilder:
         self._dispatch("matvec", params, consts, binds, sum(groups), "store " + " ".join(w.name for w in ws))
         self._read_copy(x, out, params)
         outs = [out.view(o, w.rows) for o, w in zip(offsets, ws)]
-        self._fused = (self.dispatches[-1], params, consts, binds, outs)
+        self._fused = (self._ops[-1], params, consts, binds, outs)
         return outs
 
     def _matvec_variant(self, w: Weight, x: Tensor, **extra):
@@ -380,7 +397,7 @@ class GraphBuilder:
             self._dispatch("matmul", params, consts, binds, groups, name)
         if w2 is None and len(w.parts) == 1 and out.cols == w.rows and not out.offset:
             # only the last three can fold RoPE in; holding older outputs would keep the pool from reusing them
-            end = len(self.dispatches)
+            end = len(self._ops)
             self._made = {i: m for i, m in self._made.items() if m[0] >= end - 3}
             self._made[id(out)] = (end - 1, out, params, consts, binds)
         self._read_copy(xt, out, params, ytex)
@@ -397,7 +414,7 @@ class GraphBuilder:
             copies[id(x)] = (x, self._copies[id(x)][1])
         if written is not None:
             copies[id(written[0])] = written
-        self._copies, self._copies_at = copies, len(self.dispatches)
+        self._copies, self._copies_at = copies, len(self._ops)
 
     def _x_texture(self, x: Tensor):
         """The state's activation texture of x's width holding x's tokens, for the shared mat-mats that
@@ -407,12 +424,12 @@ class GraphBuilder:
         the same activations one after another (q, k and v)."""
         if not self._textured(x.cols):
             return None
-        if self._copies_at == len(self.dispatches) and id(x) in self._copies:
+        if self._copies_at == len(self._ops) and id(x) in self._copies:
             return self._copies[id(x)][1]
         tex = self.s.activation_texture(x.cols, 0)
         self._dispatch("to_texture", {}, {"D4": x.cols // 4}, {0: x.bind(), 1: tex, 2: self._step()},
                        -(-self.m_cap * x.cols // 256), f"to texture {x.cols}")
-        self._copies, self._copies_at = {id(x): (x, tex)}, len(self.dispatches)
+        self._copies, self._copies_at = {id(x): (x, tex)}, len(self._ops)
         return tex
 
     def _y_texture(self, w: Weight, out: Tensor | None, params: dict, read) -> tuple | None:
@@ -532,7 +549,7 @@ class GraphBuilder:
             binds[8] = tex
         self._dispatch("attention", params, consts, binds, groups, f"attention {layer}")
         if tex is not None:
-            self._copies, self._copies_at = {id(out): (out, tex)}, len(self.dispatches)
+            self._copies, self._copies_at = {id(out): (out, tex)}, len(self._ops)
         return out
 
     def _out_texture(self, out: Tensor):
@@ -555,7 +572,7 @@ class GraphBuilder:
         ("norm" pairs) and the cache write in that mat-vec's epilogue (shaders/matvec.wgsl.j2: rope),
         where the decode attention cannot take them (a cache in textures, or query heads of one kv head
         over several workgroups, as on GPUs): a dispatch a layer fewer. Whether it did."""
-        if self._fused is None or self._fused[0] is not self.dispatches[-1]:
+        if self._fused is None or self._fused[0] is not self._ops[-1]:
             return False
         made, params, consts, binds, outs = self._fused
         if (outs != [q, rope["k"], rope["v"]] or rope["mode"] != "norm" or params["rows"] % 4
@@ -570,7 +587,7 @@ class GraphBuilder:
         binds = {**binds, 9: self._step(), 10: cache.k[layer], 11: cache.v[layer]}
         if rope["freq_factors"] is not None:
             binds[12] = rope["freq_factors"].buffer
-        self.dispatches.pop()
+        self._ops.pop()
         self._dispatch("matvec", folded, {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds,
                        made.workgroups, made.label + " rope")
         self._fused = None
@@ -581,7 +598,7 @@ class GraphBuilder:
         and v: RoPE ("norm" pairs) and the cache write in their epilogues (shaders/matmul.wgsl.j2: rope),
         instead of the RoPE kernel's dispatch and its pass over them. Whether it did."""
         made = [self._made.get(id(t)) for t in (q, rope["k"], rope["v"])]
-        end = len(self.dispatches)
+        end = len(self._ops)
         if (None in made or sorted(m[0] for m in made) != [end - 3, end - 2, end - 1]
                 or any(m[1] is not t for m, t in zip(made, (q, rope["k"], rope["v"])))
                 or rope["mode"] != "norm" or head_dim % 4 or rope["n_rot"] % 2
@@ -600,17 +617,20 @@ class GraphBuilder:
                 binds[10 if which == "k" else 11] = (cache.k if which == "k" else cache.v)[layer]
             if fparams["freq_factors"]:        # v is not rotated
                 binds[12] = rope["freq_factors"].buffer
-            old = self.dispatches[index]
+            old = self._ops[index]
             self._dispatch("matmul", fparams, {**consts, **rc, "HD": head_dim, "NKV": n_kv_heads}, binds,
                            old.workgroups, old.label + " rope")
-            self.dispatches[index] = self.dispatches.pop()
+            self._ops[index] = self._ops.pop()
         return True
 
     def logits(self, x: Tensor, head: Weight) -> None:
         """The output head into the logits buffer, then penalties, temperature and top-k on the GPU."""
+        self._matvec(head, x, self.s.logits, "store")
+        self.top_k(head.rows)
+
+    def top_k(self, vocab: int) -> None:
+        """Penalties, temperature and top-k of the state's logits over `vocab` tokens, on the GPU."""
         s = self.s
-        self._matvec(head, x, s.logits, "store")
-        vocab = head.rows
         lists = -(-vocab // TOPK_CHUNK)   # one record per TOPK_CHUNK logits
         self._dispatch("topk", {"stage": "chunk", "topk": TOPK, "chunk": TOPK_CHUNK}, {"COUNT": vocab},
                        {0: s.logits, 1: s.counts, 2: s.sparams, 3: s.processed, 4: s.topk[0]},
