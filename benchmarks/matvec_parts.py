@@ -11,6 +11,12 @@ without the subgroup broadcasts that share them, without the weights' dequantiza
 loads and dequantization. --prefill --variants times that mat-mat whole in several shapes (rows and
 tokens an invocation, invocations a workgroup), fastest first; with --glu, the gate-and-up mat-mat.
 
+--int8 times the mat-vecs that share activations by broadcasts (the ones CPU adapters choose) as they run
+and with 8-bit activations instead (a scale and a sum a block of 32, as llama.cpp's Q8_1): the 4-bit
+weights' products summed as integers, either two at a time in the halves of one 32-bit multiply (the
+bytes of a word paired with activations packed in 16-bit halves; the sum of a half block stays in
+range) or by dot4I8Packed. Not what pyengine runs: its figures say whether such a mode would pay here.
+
 --variants instead times every mat-vec variant the tuner may choose on this adapter (pyengine/tuning.py),
 whole, fastest first: what the first load on an adapter measures, at any shape. With --copies N the
 dispatches read N copies of the weight in turn, so that it is not in cache, as in a decode step
@@ -116,6 +122,48 @@ PREFILL_SHAPES = [(1, 8, 64), (2, 6, 16), (2, 8, 16), (2, 8, 32), (2, 10, 16), (
                   (4, 8, 16), (4, 12, 16), (4, 16, 16), (4, 24, 16), (4, 32, 16), (6, 8, 16), (6, 10, 16), (6, 12, 16),
                   (6, 16, 16), (6, 24, 16), (8, 8, 8), (8, 10, 8), (8, 16, 8)]
 
+
+def int8_activations(code: str, how: str) -> str:
+    """The Q4_1 mat-vec `code` (shared activations) with 8-bit activations: each block of 32 a vec4 of u32
+    words per four of its products (`how` "swar": words 4, each two activations in 16-bit halves, then
+    scale and sum) or eight words and the scale and sum (`how` "dot4": dot4I8Packed), read by the lanes
+    and broadcast as the f32 activations are."""
+    texels = 5 if how == "swar" else 3
+    code = code.replace("fn x_at(i: u32) -> vec4<f32> {",
+                        "fn xq_at(i: u32) -> vec4<u32> { return bitcast<vec4<u32>>(x_at(i)); }\nfn x_at(i: u32) -> vec4<f32> {", 1)
+    start = code.index("            let c = b * (BV / 4u) + j * 8u;")
+    end = code.index("\n", code.index("let xsum = vec2<f32>(", start)) + 1
+    lanes = int(re.search(r"let sl = sid % (\d+)u;", code).group(1))
+    new = [f"            let c = b * {texels}u;", f"            let xa = xq_at(c + min(sl, {texels - 1}u));"]
+    new += [f"            let X{i} = subgroupBroadcast(xa, {i}u);" for i in range(texels - 1)]
+    new.append(f"            let xm = {f'subgroupBroadcast(xa, {texels - 1}u)' if texels <= lanes else f'xq_at(c + {texels - 1}u)'};")
+    new.append("            let xscale = bitcast<f32>(xm.x);")
+    code = code[:start] + "\n".join(new) + "\n" + code[end:]
+    if how == "swar":
+        # word k's bytes hold values 4k..4k+3 (low nibbles) and 16+4k.. (high): masked by 0x000F000F they are
+        # two values in 16-bit halves; times a word of two activations (one in each half, swapped) the top
+        # half gains their two products; a half block's sum of those stays within an i16
+        body = """let M = vec4<u32>(0x000F000Fu);
+                let p = (q & M) * X0 + ((q >> vec4<u32>(8u)) & M) * X1;
+                let h = ((q >> vec4<u32>(4u)) & M) * X2 + ((q >> vec4<u32>(12u)) & M) * X3;
+                let tl = bitcast<i32>(p.x + p.y + p.z + p.w);
+                let th = bitcast<i32>(h.x + h.y + h.z + h.w);
+                let t = f32(((tl - ((tl << 16u) >> 16u)) >> 16u) + ((th - ((th << 16u) >> 16u)) >> 16u)) * xscale;"""
+    else:
+        body = """let m = vec4<u32>(0x0F0F0F0Fu);
+                let lo = q & m;
+                let hi = (q >> vec4<u32>(4u)) & m;
+                let t = f32(dot4I8Packed(lo.x, X0.x) + dot4I8Packed(lo.y, X0.y) + dot4I8Packed(lo.z, X0.z) + dot4I8Packed(lo.w, X0.w)
+                        + dot4I8Packed(hi.x, X1.x) + dot4I8Packed(hi.y, X1.y) + dot4I8Packed(hi.z, X1.z) + dot4I8Packed(hi.w, X1.w)) * xscale;"""
+    code, n = re.subn(r"let s = nib_lo\(q\.x\) \* x0 [^;]*;\s*let t = dot\(s, NIB\);", body, code)
+    if not n:
+        raise SystemExit("--int8: the kernel no longer has the 4-bit products this edit replaces")
+    return code.replace("(xsum.x + xsum.y)", "bitcast<f32>(xm.y)")
+
+
+INT8 = {"f32 activations (as it runs)": None, "8-bit, two products a multiply": "swar", "8-bit, dot4I8Packed": "dot4"}
+
+
 PARTS = {"as it runs": None, "without weight loads": no_weight_loads, "without scale loads": no_scale_loads,
          "without activation loads": no_activation_loads, "without 4-bit unpacking": no_unpacking,
          "without the loop body": empty_body}
@@ -200,6 +248,35 @@ async def time_variants(be, k, w, nbytes, a):
               f"{nbytes / min(ts) / 1e9:5.2f} GB/s   {name}")
 
 
+async def time_int8(be, k, w, nbytes, a):
+    lanes = await subgroup_size(be, k)
+    shared = [v for v in space(lanes) if v.get("xshare")]
+    if not shared:
+        raise SystemExit("--int8: this adapter's subgroups are too small for the shared mat-vecs")
+    tex = k.activation_textures
+    x = (be.create_texture(activation_texture_rows(1, a.cols * 2), "activations") if tex
+         else be.create_buffer(max(UNIFORM_BYTES, a.cols * 8), "activations"))
+    y = be.create_buffer(a.rows * 4, "out")
+    ws = [w] + [weight(be, k, nbytes) for i in range(1, a.copies)]
+    plans = {}
+    for v in shared:
+        v = {**VARIANTS["matvec"], **v, "xtex": tex}
+        code = k.render("matvec", qtype="Q4_1", wtex=k.weight_textures, epilogue="store", bias=False,
+                        x_uniform=False, act="silu", **v)
+        groups = (-(-a.rows // k.matvec_rows_per_workgroup(v)), 1, 1)
+        for name, how in INT8.items():
+            pipe = be.create_pipeline(int8_activations(code, how) if how else code, {"N": a.rows, "K": a.cols, "ROW0": 0}, name)
+            plans[f"{name}, {v['rows']} rows, {v['wg']} a workgroup"] = be.create_plan([
+                Dispatch(pipe, {**weight_binds(k, wi, 0, 4), 1: Binding(x), 2: Binding(y)}, groups, name)
+                for wi in (ws[i % len(ws)] for i in range(REPEAT))])
+    times = await replay_times(be, plans, a.rounds)
+    print(f"Q4_1 mat-vec {a.rows}x{a.cols} ({nbytes / 1e6:.2f} MB, {len(ws)} copies in turn), shared activations "
+          f"as f32 and as 8 bits, {be.adapter_info.get('device')}")
+    for name, ts in times.items():
+        print(f"  median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   "
+              f"{nbytes / min(ts) / 1e9:5.2f} GB/s   {name}")
+
+
 async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     plans = {}
     for rows, t, wg in PREFILL_SHAPES:
@@ -231,8 +308,10 @@ async def main():
                     help="with --prefill --variants: the gate-and-up mat-mat (the \"glu\" epilogue)")
     ap.add_argument("--variants", action="store_true",
                     help="every mat-vec variant the tuner may choose, whole (with --prefill: mat-mat shapes)")
+    ap.add_argument("--int8", action="store_true",
+                    help="the shared mat-vecs with 8-bit activations against f32 ones (see above)")
     ap.add_argument("--copies", type=int, default=1,
-                    help="with --variants: read this many copies of the weight in turn (out of cache, as in decode)")
+                    help="with --variants or --int8: read this many copies of the weight in turn (out of cache, as in decode)")
     a = ap.parse_args()
     be = open_backend("native")
     k = Kernels(be)
@@ -240,6 +319,8 @@ async def main():
     w = weight(be, k, nbytes)
     if a.variants and not a.prefill:
         return await time_variants(be, k, w, nbytes, a)
+    if a.int8:
+        return await time_int8(be, k, w, nbytes, a)
     plans = {}
     tokens = 1
     if a.prefill:
