@@ -119,19 +119,23 @@ async def subgroup_size(backend, kernels) -> int:
     return size
 
 
+def shared_matmul(lanes: int) -> dict | None:
+    """The shared prefill mat-mat for subgroups of `lanes` (broadcasts from 8 lanes or 4); None below 4."""
+    if lanes < 4:
+        return None
+    return dict(MATMUL_XSHARE if lanes >= 8 else MATMUL_XSHARE4)
+
+
 async def rule_choice(engine) -> dict:
     """The kernels chosen by rule for this adapter, not timed: the prefill mat-mat, and the attention's
     prefill shape and decode split (see the module's docstring)."""
     lanes = await subgroup_size(engine.backend, engine.kernels)
+    matmul = shared_matmul(lanes)
     if not is_cpu(engine.backend):      # the shared mat-mat too, the attention as GPUs want it
-        if lanes >= 4:
-            return {"matmul": dict(MATMUL_XSHARE if lanes >= 8 else MATMUL_XSHARE4)}
-        return {"matmul": {"xshare": False}}
-    if lanes >= 8:
-        return {"matmul": dict(MATMUL_XSHARE), "attention": dict(ATTENTION_SHARE)}
-    if lanes >= 4:
-        return {"matmul": dict(MATMUL_XSHARE4), "attention": dict(ATTENTION_SHARE4)}
-    return {"matmul": dict(MATMUL_CPU_TILED), "attention": dict(ATTENTION_CPU)}
+        return {"matmul": matmul or {"xshare": False}}
+    if matmul is None:
+        return {"matmul": dict(MATMUL_CPU_TILED), "attention": dict(ATTENTION_CPU)}
+    return {"matmul": matmul, "attention": dict(ATTENTION_SHARE if lanes >= 8 else ATTENTION_SHARE4)}
 
 
 async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):

@@ -229,6 +229,8 @@ def lanes_needed(variant) -> int:
 def use_variant(rig, op, variant):
     """Runs `op` with `variant`; one that shares values over subgroup lanes only where subgroups hold as many."""
     size = asyncio.run(tuning.subgroup_size(rig.be, rig.k))
+    if variant is None:                   # tuning.shared_matmul: no shared mat-mat for these subgroups
+        pytest.skip(f"subgroups of {size} lanes: no {op} shares values over them")
     if size < lanes_needed(variant):      # SwiftShader: 4 lanes
         pytest.skip(f"subgroups of {size} lanes: the {op} that shares values over {lanes_needed(variant)} "
                     "is never chosen there")
@@ -533,7 +535,7 @@ def test_rope_kv_and_attention(backend, kv_f16, mode, n_rot, window, factors, hd
     textured = rig.k.activation_textures and lanes >= 4
     if textured:
         rig.k.tuning["matvec"] = {"rows": 4, "wg": 32, "xshare": True, "xl": 8 if lanes >= 8 else 4}
-        rig.k.tuning["matmul"] = tuning.MATMUL_XSHARE if lanes >= 8 else tuning.MATMUL_XSHARE4
+        rig.k.tuning["matmul"] = tuning.shared_matmul(lanes)
     rng = np.random.default_rng(3)
     keys = np.zeros((0, nkv, hd))
     vals = np.zeros((0, nkv, hd))
@@ -638,7 +640,7 @@ def test_prefill_rope_in_the_qkv_matmuls(backend, kv_f16, mode, n_rot, factors, 
     nh, nkv, hd, dim, base = 6, 2, 32, 96, 10000.0
     rig = Rig(backend, n_kv_heads=nkv, head_dim=hd, kv_f16=kv_f16)
     lanes = asyncio.run(tuning.subgroup_size(backend, rig.k))
-    use_variant(rig, "matmul", tuning.MATMUL_XSHARE if lanes >= 8 else tuning.MATMUL_XSHARE4)
+    use_variant(rig, "matmul", tuning.shared_matmul(lanes))
     rng = np.random.default_rng(12)
     (wq, q_w), (wk, k_w), (wv, v_w) = (rig.weight(rng.standard_normal((h * hd, dim)), "Q4_1", n)
                                        for n, h in (("q", nh), ("k", nkv), ("v", nkv)))
@@ -694,7 +696,7 @@ def test_every_kernel_given_an_f16_cache_declares_f16(backend, monkeypatch, kv_t
 
     monkeypatch.setattr(rig.k, "pipeline", record)
     lanes = asyncio.run(tuning.subgroup_size(backend, rig.k))
-    use_variant(rig, "matmul", tuning.MATMUL_XSHARE if lanes >= 8 else tuning.MATMUL_XSHARE4)
+    use_variant(rig, "matmul", tuning.shared_matmul(lanes))
     rng = np.random.default_rng(13)
     ws = [rig.weight(rng.standard_normal((h * hd, dim)), "Q4_1", n)[0] for n, h in (("q", nh), ("k", nkv), ("v", nkv))]
     for pos0, n, m_cap, mode in [(0, 13, 16, "norm"), (13, 1, 1, "norm"), (14, 13, 16, "neox")]:
