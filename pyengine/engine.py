@@ -290,6 +290,7 @@ class Engine:
         self.model = None
         self.decode_plan = None
         self._prefill_plans: dict[int, object] = {}
+        self._prefill_compiled = None       # the prefill's kernels compiling since the load (_load)
         self.state: State | None = None       # the GPU buffers every plan shares: allocated by create()
         self._cls = cls
         self.load_s = 0.0
@@ -329,7 +330,7 @@ class Engine:
         if self._staging is not None:
             bufs.append(self._staging)
         self.weights, self._staging, self.model, self.decode_plan = {}, None, None, None
-        self._prefill_plans = {}
+        self._prefill_plans, self._prefill_compiled = {}, None
         for b in bufs:
             try:
                 be.destroy_buffer(b)
@@ -351,13 +352,21 @@ class Engine:
         t2 = time.perf_counter()
         self.kernels.tuning = self.tuning
         self.model = self._cls(self.args, self.weights)
-        self.decode_plan = self._build(1, decode=True)
+        decode = self._graph(1, decode=True)
+        await self.kernels.start_compile(decode.kernels)
+        self.decode_plan = self.backend.create_plan(decode.dispatches, "decode")
+        del decode
+        # the prefill's kernels (one set for prompts of every length) start compiling now: natively before the
+        # load ends, in a browser while the page goes on (SwiftShader takes seconds, which the first request
+        # would otherwise wait for in full); the first prefill waits for what is left
+        self._prefill_compiled = self.kernels.start_compile(self._graph(MIN_BUCKET, decode=False).kernels)
         t3 = time.perf_counter()
         await self._release_staging()
         self.load_s = time.perf_counter() - t0
-        # where a load's time goes: weights to the GPU, kernel tuning, the decode plan (compiling its kernels),
-        # then the wait for the GPU to finish what was queued (in a browser, whose GPU process works
-        # apart from the page: the uploads, the repacks and the kernels' compiles)
+        # where a load's time goes: weights to the GPU, kernel tuning, the plans (compiling their kernels, which
+        # a browser's GPU process does after the uploads queued before them), then the wait for the GPU to
+        # finish what was queued (in a browser, whose GPU process works apart from the page: the uploads
+        # and the repacks)
         self.load_times = {"upload_s": t1 - t0, "tune_s": t2 - t1, "plan_s": t3 - t2, "gpu_wait_s": self.load_s - (t3 - t0)}
 
     # -- loading ----------------------------------------------------------------
@@ -488,25 +497,31 @@ class Engine:
 
     # -- plans --------------------------------------------------------------------
 
-    def _build(self, m_cap: int, decode: bool):
+    def _graph(self, m_cap: int, decode: bool) -> GraphBuilder:
         g = GraphBuilder(self.kernels, self.state, m_cap)
         if decode:
             g.count_token(self.args.vocab_size)
         else:
             g.clear_counts(self.args.vocab_size)
         self.model(g)
-        plan = self.backend.create_plan(g.dispatches, "decode" if decode else f"prefill {m_cap}")
-        del g
-        return plan
+        return g
 
-    def _prefill_plan(self, n: int):
+    def _bucket(self, n: int) -> int:
+        """The tokens of the prefill plan that runs a chunk of n."""
         bucket = MIN_BUCKET
         while bucket < n:
             bucket *= 2
-        bucket = min(bucket, self.max_chunk)
+        return min(bucket, self.max_chunk)
+
+    async def _prefill_plan(self, n: int):
+        if self._prefill_compiled is not None:
+            compiled, self._prefill_compiled = self._prefill_compiled, None
+            await compiled
+        bucket = self._bucket(n)
         plan = self._prefill_plans.get(bucket)
         if plan is None:
-            plan = self._prefill_plans[bucket] = self._build(bucket, decode=False)
+            g = self._graph(bucket, decode=False)
+            plan = self._prefill_plans[bucket] = self.backend.create_plan(g.dispatches, f"prefill {bucket}")
         return plan
 
     # -- running ------------------------------------------------------------------
@@ -536,7 +551,7 @@ class Engine:
         raw = None
         for start in range(0, len(tokens), self.max_chunk):
             chunk = tokens[start:start + self.max_chunk]
-            plan = self._prefill_plan(len(chunk))
+            plan = await self._prefill_plan(len(chunk))
             self._write_step(len(self._cached), chunk, count=False)
             if start + self.max_chunk >= len(tokens):
                 raw = await self.backend.submit_and_read(plan, self.state.result, 0, 4 * RESULT_WORDS)

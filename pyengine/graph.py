@@ -169,6 +169,11 @@ class GraphBuilder:
         self.s.pool.begin()
 
     @property
+    def kernels(self) -> list[_Kernel]:
+        """The kernels of the plan's dispatches not compiled yet, for Kernels.compile to compile together."""
+        return [d.pipeline for d in self._ops if isinstance(d.pipeline, _Kernel)]
+
+    @property
     def dispatches(self) -> list[Dispatch]:
         """The plan's dispatches, their kernels compiled."""
         for d in self._ops:
@@ -540,8 +545,7 @@ class GraphBuilder:
             else:
                 self.rope_kv(q, layer=layer, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, **rope)
         if params.get("share") and q.rows > 1:        # a workgroup per (head, block of tokens)
-            consts["BLOCKS"] = -(-q.rows // params["wg"])
-            groups = n_heads * consts["BLOCKS"]
+            groups = n_heads * -(-q.rows // params["wg"])
         # the output in a texture too, for the mat-vec or mat-mat after (_x_texture) where it reads one
         tex = self._out_texture(out)
         if tex is not None:

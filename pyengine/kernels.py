@@ -11,6 +11,7 @@ import json
 import os
 
 from .errors import UnsupportedModelError
+from .gpu import Pending
 
 # quant types the mat-vec, mat-mat and embedding kernels read
 KERNEL_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
@@ -122,15 +123,38 @@ class Kernels:
             code = self._codes[key] = self.render(family, **params)
         return code
 
+    @staticmethod
+    def _key(family: str, params: dict, constants: dict) -> tuple:
+        return family, json.dumps(params, sort_keys=True), json.dumps(constants, sort_keys=True)
+
+    def _source(self, family: str, params: dict, constants: dict) -> tuple:
+        """(code, constants, label): what the backend compiles."""
+        label = family + "".join(f".{k}={v}" for k, v in sorted(params.items()))
+        return self.code(family, params), constants, label
+
     def pipeline(self, family: str, params: dict, constants: dict):
-        key = (family, json.dumps(params, sort_keys=True), json.dumps(constants, sort_keys=True))
+        key = self._key(family, params, constants)
         pipe = self._pipelines.get(key)
         if pipe is None:
-            code = self.code(family, params)
-            label = family + "".join(f".{k}={v}" for k, v in sorted(params.items()))
-            pipe = self.backend.create_pipeline(code, constants, label)
-            self._pipelines[key] = pipe
+            pipe = self._pipelines[key] = self.backend.create_pipeline(*self._source(family, params, constants))
         return pipe
+
+    def start_compile(self, kernels):
+        """Starts compiling the kernels of `kernels` ((family, parameters, constants) each, as
+        GraphBuilder.kernels gives them) that are not compiled yet (Backend.start_pipelines: a browser's GPU
+        process compiles them while the page goes on); awaiting what it returns finishes, and raises
+        GPUError where one failed."""
+        todo = {}
+        for family, params, constants in kernels:
+            key = self._key(family, params, constants)
+            if key not in self._pipelines and key not in todo:
+                todo[key] = self._source(family, params, constants)
+        pending = self.backend.start_pipelines(list(todo.values())) if todo else None
+
+        async def finish():
+            if pending is not None:
+                self._pipelines.update(zip(todo, await pending))
+        return Pending(finish)
 
     def fits(self, family: str, params: dict) -> bool:
         """Whether the kernel binds no more storage buffers than the device allows one kernel (folding more

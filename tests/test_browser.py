@@ -213,6 +213,7 @@ def test_browser_benchmark_reports_loads_speed_memory_and_calls_per_token(site):
     out, _ = site
     r = run(run_browser_bench(runs=1, prompt_tokens=16, gen_tokens=4, dist=out))
     assert r["cold_load_s"] > 0 and r["warm_load_s"] > 0 and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+    assert r["first_request_time_to_first_token_s"] > 0
     assert r["js_calls_per_token"] <= 5            # DESIGN.md rule 1: a handful of calls per token
     assert r["page_memory_peak_while_loading_mb"] >= r["page_memory_after_load_mb"] > 0
     assert r["bandwidth"]["gb_s"] > 0 and "matvec" in r["profile"]["kernels"]
@@ -283,5 +284,31 @@ def test_the_kernels_a_gpu_may_choose_compile_in_chromium(browser, site):
                 codes.append((f"matmul {v} {s['qtype']} {s['epilogue']}", k.render("matmul", **params)))
         assert sum(name.startswith("matmul") for name, _ in codes) == (2 * len(mm_shapes) if lanes else 0)
         assert page.evaluate(COMPILE_JS, codes)["errors"] == []
+    finally:
+        ctx.close()
+
+
+PIPELINES_JS = """async (codes) => {
+  const { openDevice, Replayer } = await import("/web/gpu.js");
+  const { device, info, features } = await openDevice();
+  const r = new Replayer(device, info, features);
+  const made = await r.createPipelines(JSON.stringify(codes.map(([code, label]) => [code, {}, label])));
+  return made.map((m) => (typeof m === "number" ? { id: m, kind: r._get(m).constructor.name } : { error: m }));
+}"""
+
+
+def test_kernels_compiled_side_by_side_give_pipelines_and_say_why_one_fails(browser, site):
+    """The replayer's createPipelines (what a load compiles while the page goes on): a pipeline for each
+    kernel that compiles, and for one that does not WebGPU's reason, not a pipeline that fails later."""
+    _, url = site
+    ctx, page = open_page(browser, url)
+    try:
+        good = "@group(0) @binding(0) var<storage, read_write> y: array<f32>;\n" \
+               "@compute @workgroup_size(1) fn main() { y[0] = 1.0; }"
+        bad = good.replace("y[0] = 1.0;", "y[0] = undefined_name;")
+        made = page.evaluate(PIPELINES_JS, [[good, "good"], [bad, "bad"], [good, "good again"]])
+        assert [m.get("kind") for m in made] == ["GPUComputePipeline", None, "GPUComputePipeline"]
+        assert made[0]["id"] != made[2]["id"]
+        assert "undefined_name" in made[1]["error"]
     finally:
         ctx.close()

@@ -52,7 +52,8 @@ def test_bench_prints_json(tiny_llama):
     res = pyengine("bench", "--model", tiny_llama, "--runs", "2", "--prompt-tokens", "20", "--gen-tokens", "8")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    for key in ("cold_load_s", "warm_load_s", "prefill_tok_s", "decode_tok_s", "time_to_first_token_s", "adapter",
+    for key in ("cold_load_s", "warm_load_s", "prefill_tok_s", "decode_tok_s", "time_to_first_token_s",
+                "first_request_time_to_first_token_s", "adapter",
                 "dispatches_per_token", "gpu_bytes", "weight_bytes_per_token"):
         assert key in out
     assert out["prompt_tokens"] == 20 and out["decode_tok_s"] > 0

@@ -60,7 +60,7 @@ def test_prefill_plans_keep_within_the_stated_working_memory(engine):
     """The scratch buffers of the prefill plans, up to the largest chunk, fit in the working memory that
     memory_plan states: a layer's activations reuse the buffers of the layer before."""
     for n in (16, 200, engine.max_chunk):
-        engine._prefill_plan(n)
+        asyncio.run(engine._prefill_plan(n))
     assert 0 < engine.state.pool.nbytes <= engine.memory["working"]
 
 
@@ -147,6 +147,22 @@ def test_chunked_prefill_equals_one_plan(tiny_llama, backend):
     a = Engine.load(tiny_llama, backend, context_length=128, max_chunk=16)
     b = Engine.load(tiny_llama, backend, context_length=128, max_chunk=128)
     np.testing.assert_allclose(asyncio.run(a.logits(ids)), asyncio.run(b.logits(ids)), atol=1e-4)
+
+
+def test_a_load_compiles_every_kernel_a_prompt_of_any_length_runs(tiny_llama, backend, monkeypatch):
+    """The load compiles the prefill's kernels with the decode's, so no first request waits for a compile
+    (seconds on a browser's CPU adapter), and prompts of other lengths, whose plans hold more tokens, run
+    the same kernels: the first compile after the load fails this test."""
+    engine = Engine.load(tiny_llama, backend, context_length=256, max_chunk=64)
+
+    def refuse(*a, **kw):
+        raise AssertionError(f"a kernel compiled after the load: {a[-1] if a else kw}")
+
+    monkeypatch.setattr(engine.backend, "create_pipeline", refuse)
+    for n in (3, 17, 40, 150):          # plans of 16, 32 and 64 tokens, the last one twice over
+        engine.reset()
+        assert len(asyncio.run(engine.logits(list(range(3, 3 + n))))) == engine.args.vocab_size
+    assert sorted(engine._prefill_plans) == [16, 32, 64]
 
 
 # -- the generation contract ---------------------------------------------------------------

@@ -164,6 +164,25 @@ export class Replayer {
     });
   }
 
+  // the kernels of specJson ([[code, constants, label], ...]) compiled side by side (the GPU process may
+  // spread createComputePipelineAsync over threads, where createComputePipeline compiles one after
+  // another): an id for each, or why WebGPU refused it
+  async createPipelines(specJson) {
+    this._check();
+    const specs = JSON.parse(specJson);
+    const modules = specs.map(([code, , label]) => this.device.createShaderModule({ code, label }));
+    const made = await Promise.allSettled(specs.map(([, constants, label], i) =>
+      this.device.createComputePipelineAsync({ layout: "auto", label, compute: { module: modules[i], entryPoint: "main", constants } })));
+    this._check();
+    return Promise.all(made.map(async (m, i) => {
+      if (m.status === "fulfilled") return this._put(m.value);
+      // the compiler's own messages say more than the rejection ("invalid due to a previous error")
+      const info = await modules[i].getCompilationInfo();
+      const why = info.messages.filter((x) => x.type === "error").map((x) => `${x.lineNum}:${x.linePos}: ${x.message}`);
+      return [String(m.reason?.message ?? m.reason), ...why].join("\n");
+    }));
+  }
+
   createPlan(specJson, label) {
     return this._make(() => {
       const steps = JSON.parse(specJson).map(([pid, binds, x, y, z]) => {

@@ -41,14 +41,15 @@ TEXEL_BYTES = {"rgba32uint": 16, "rg32uint": 8}     # the texture formats kernel
 
 
 class Pending:
-    """Bytes a submitted plan will have produced: `await` it for them. One that is never awaited
-    costs no wait: natively the read starts only when awaited (its staging buffer goes with it),
-    in the browser it is the page's own."""
+    """What the GPU will have made: bytes a submitted plan produced (submit_and_read_later) or kernels
+    started compiling (start_pipelines); `await` it for them. One that is never awaited costs no wait:
+    natively a read starts only when awaited (its staging buffer goes with it), in the browser it is
+    the page's own."""
 
     __slots__ = ("_finish",)
 
     def __init__(self, finish):
-        self._finish = finish       # an async function of no arguments returning the bytes
+        self._finish = finish       # an async function of no arguments returning what was made
 
     def __await__(self):
         return self._finish().__await__()
@@ -107,6 +108,23 @@ class Backend:
 
     def create_pipeline(self, code: str, constants: dict, label: str = ""):
         raise NotImplementedError
+
+    def start_pipelines(self, sources: list[tuple[str, dict, str]]) -> Pending:
+        """Starts compiling several kernels ((code, constants, label) each); awaiting the answer gives their
+        pipelines, or raises GPUError for one that failed. A browser's GPU process compiles them while the
+        page goes on; here they compile before this returns."""
+        try:
+            made = [self.create_pipeline(*s) for s in sources]
+        except GPUError as e:
+            error = e
+
+            async def fail():
+                raise error
+            return Pending(fail)
+
+        async def done():
+            return made
+        return Pending(done)
 
     def create_plan(self, dispatches: list[Dispatch], label: str = "") -> Plan:
         raise NotImplementedError

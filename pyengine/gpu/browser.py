@@ -94,6 +94,18 @@ class BrowserBackend(Backend):
             raise GPUError(f"kernel '{label}' failed to compile: {self.r.lastError()}")
         return pid
 
+    def start_pipelines(self, sources) -> Pending:
+        self.calls += 1
+        promise = self.r.createPipelines(json.dumps([[c, k, label] for c, k, label in sources]))
+
+        async def finish():
+            made = (await promise).to_py()
+            for got, (_, _, label) in zip(made, sources):
+                if isinstance(got, str):
+                    raise GPUError(f"kernel '{label}' failed to compile: {got}")
+            return made
+        return Pending(finish)
+
     def create_plan(self, dispatches, label: str = "") -> Plan:
         spec = []
         for d in dispatches:
