@@ -170,7 +170,7 @@ class GraphBuilder:
 
     @property
     def kernels(self) -> list[_Kernel]:
-        """The kernels of the plan's dispatches not compiled yet, for Kernels.compile to compile together."""
+        """The kernels of the plan's dispatches not compiled yet, for Kernels.start_compile to compile together."""
         return [d.pipeline for d in self._ops if isinstance(d.pipeline, _Kernel)]
 
     @property

@@ -177,7 +177,7 @@ export class Replayer {
     return Promise.all(made.map(async (m, i) => {
       if (m.status === "fulfilled") return this._put(m.value);
       // the compiler's own messages say more than the rejection ("invalid due to a previous error")
-      const info = await modules[i].getCompilationInfo();
+      const info = await modules[i].getCompilationInfo().catch(() => ({ messages: [] }));   // a device lost meanwhile
       const why = info.messages.filter((x) => x.type === "error").map((x) => `${x.lineNum}:${x.linePos}: ${x.message}`);
       return [String(m.reason?.message ?? m.reason), ...why].join("\n");
     }));
