@@ -164,9 +164,9 @@ export class Replayer {
     });
   }
 
-  // the kernels of specJson ([[code, constants, label], ...]) compiled side by side (the GPU process may
-  // spread createComputePipelineAsync over threads, where createComputePipeline compiles one after
-  // another): an id for each, or why WebGPU refused it
+  // the kernels of specJson ([[code, constants, label], ...]) compiled while the page goes on
+  // (createComputePipelineAsync: a browser may also spread them over threads, which SwiftShader in
+  // Chromium does not): an id for each, or why WebGPU refused it
   async createPipelines(specJson) {
     this._check();
     const specs = JSON.parse(specJson);
