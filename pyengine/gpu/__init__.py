@@ -113,18 +113,17 @@ class Backend:
         """Starts compiling several kernels ((code, constants, label) each); awaiting the answer gives their
         pipelines, or raises GPUError for one that failed. A browser's GPU process compiles them while the
         page goes on; here they compile before this returns."""
+        made, error = [], None
         try:
             made = [self.create_pipeline(*s) for s in sources]
-        except GPUError as e:
+        except GPUError as e:       # raised when awaited, as the browser's is
             error = e
 
-            async def fail():
+        async def finish():
+            if error is not None:
                 raise error
-            return Pending(fail)
-
-        async def done():
             return made
-        return Pending(done)
+        return Pending(finish)
 
     def create_plan(self, dispatches: list[Dispatch], label: str = "") -> Plan:
         raise NotImplementedError
