@@ -2,14 +2,15 @@
 of its work taken out at a time (the weights' loads, their scales, the activations' loads, the
 4-bit unpacking, the whole loop body).
 
-    python benchmarks/matvec_parts.py [--rows 1536 --cols 576] [--rounds 7] [--prefill | --variants]
+    python benchmarks/matvec_parts.py [--adapter swiftshader] [--rows 1536 --cols 576] [--rounds 7] [--prefill | --variants]
 
 --prefill does the same for the prefill mat-mat in the shape CPU adapters with 8-lane subgroups
 run (lavapipe: tuning.MATMUL_XSHARE) over 128 tokens: as it runs, without the activations' loads
 (values that differ from lane to lane instead, so that the arithmetic stays),
 without the subgroup broadcasts that share them, without the weights' dequantization, without both
 loads and dequantization. --prefill --variants times that mat-mat whole in several shapes (rows and
-tokens an invocation, invocations a workgroup), fastest first; with --glu, the gate-and-up mat-mat.
+tokens an invocation, invocations a workgroup), fastest first, with the seconds each took to compile
+(on 4-lane subgroups, SwiftShader's, a shape list of its own); with --glu, the gate-and-up mat-mat.
 
 --int8 times the mat-vecs that share activations by broadcasts (the ones CPU adapters choose) as they run
 and with 8-bit activations instead (a scale and a sum a block of 32, as llama.cpp's Q8_1): the 4-bit
@@ -47,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
 from pyengine.kernels import (UNIFORM_BYTES, VARIANTS, Kernels, activation_texture_rows, packed_nbytes,  # noqa: E402
                               texture_rows)
-from pyengine.tuning import MATMUL_XSHARE, every_variant, space, subgroup_size  # noqa: E402
+from pyengine.tuning import MATMUL_XSHARE, every_variant, shared_matmul, space, subgroup_size  # noqa: E402
 
 REPEAT = 20
 
@@ -121,6 +122,9 @@ PREFILL_TOKENS = 128
 PREFILL_SHAPES = [(1, 8, 64), (2, 6, 16), (2, 8, 16), (2, 8, 32), (2, 10, 16), (2, 16, 16), (3, 10, 16), (3, 16, 16),
                   (4, 8, 16), (4, 12, 16), (4, 16, 16), (4, 24, 16), (4, 32, 16), (6, 8, 16), (6, 10, 16), (6, 12, 16),
                   (6, 16, 16), (6, 24, 16), (8, 8, 8), (8, 10, 8), (8, 16, 8)]
+# the same where subgroups hold 4 lanes (SwiftShader), whose compiler wants more rows an invocation
+PREFILL_SHAPES4 = [(4, 8, 16), (8, 4, 16), (8, 8, 16), (8, 8, 8), (8, 16, 8), (12, 8, 8), (16, 8, 8), (16, 8, 16),
+                   (16, 16, 16), (32, 8, 16)]
 
 
 def int8_activations(code: str, how: str) -> str:
@@ -278,28 +282,38 @@ async def time_int8(be, k, w, nbytes, a):
 
 
 async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
-    plans = {}
-    for rows, t, wg in PREFILL_SHAPES:
-        v = {**VARIANTS["matmul"], **MATMUL_XSHARE, "rows": rows, "t": t, "wg": wg, "xtex": k.activation_textures}
+    lanes = await subgroup_size(be, k)
+    base = shared_matmul(lanes)
+    if base is None:
+        raise SystemExit("the shared mat-mat needs subgroups of at least 4 lanes; this adapter's hold "
+                         f"{lanes}")
+    plans, compile_s = {}, {}
+    for rows, t, wg in PREFILL_SHAPES if lanes >= 8 else PREFILL_SHAPES4:
+        v = {**VARIANTS["matmul"], **base, "rows": rows, "t": t, "wg": wg, "xtex": k.activation_textures}
+        t0 = time.perf_counter()
         pipe = be.create_pipeline(k.render("matmul", qtype="Q4_1", wtex=k.weight_textures,
                                            epilogue="glu" if a.glu else "store", act="silu", bias=False, **v),
                                   consts, "mat-mat")
+        name = f"{rows} rows x {t} tokens, {wg} a workgroup"
+        compile_s[name] = time.perf_counter() - t0
         groups = (-(-a.rows // (wg * rows)), -(-PREFILL_TOKENS // t), 1)
         binds = {**fixed, **weight_binds(k, w, 0, 6), 1: Binding(x)}
         if a.glu:       # gate and up: the same weight twice
             binds.update(weight_binds(k, w, 4, 7))
-        plans[f"{rows} rows x {t} tokens, {wg} a workgroup"] = be.create_plan([Dispatch(pipe, binds, groups, "mm")] * REPEAT)
+        plans[name] = be.create_plan([Dispatch(pipe, binds, groups, "mm")] * REPEAT)
     times = await replay_times(be, plans, a.rounds)
+    rows = base["glu_rows"] if a.glu else base["rows"]
     print(f"Q4_1 mat-mat of {PREFILL_TOKENS} tokens {a.rows}x{a.cols}, the shared kernel in each shape, "
-          f"{be.adapter_info.get('device')} (the tuner's: {MATMUL_XSHARE['rows']} rows x {MATMUL_XSHARE['t']} tokens)")
+          f"{be.adapter_info.get('device')} (the tuner's: {rows} rows x {base['t']} tokens, {base['wg']} a workgroup)")
     for name, ts in sorted(times.items(), key=lambda t: min(t[1])):
         flop = 2 * a.rows * a.cols * PREFILL_TOKENS * (2 if a.glu else 1)
         print(f"  median {statistics.median(ts) * 1e6:8.1f} us   min {min(ts) * 1e6:8.1f} us   "
-              f"{flop / min(ts) / 1e9:6.1f} GFLOP/s   {name}")
+              f"{flop / min(ts) / 1e9:6.1f} GFLOP/s   compile {compile_s[name]:5.2f} s   {name}")
 
 
 async def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--adapter", help="part of the adapter's name (swiftshader, llvmpipe; default: the one wgpu prefers)")
     ap.add_argument("--rows", type=int, default=1536)
     ap.add_argument("--cols", type=int, default=576)
     ap.add_argument("--rounds", type=int, default=7)
@@ -313,7 +327,7 @@ async def main():
     ap.add_argument("--copies", type=int, default=1,
                     help="with --variants or --int8: read this many copies of the weight in turn (out of cache, as in decode)")
     a = ap.parse_args()
-    be = open_backend("native")
+    be = open_backend("native", adapter=a.adapter) if a.adapter else open_backend("native")
     k = Kernels(be)
     nbytes = packed_nbytes("Q4_1", a.rows, a.cols)
     w = weight(be, k, nbytes)

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 
 from .gpu import Binding, Dispatch, split_workgroups
-from .kernels import (REPACKED_QTYPES, RESULT_WORDS, STORAGE_ALIGN, TOPK, TOPK_CHUNK, TOPK_MERGE, UNIFORM_BYTES,
-                      activation_texture_rows)
+from .kernels import (BLOCK_VALUES, REPACKED_QTYPES, RESULT_WORDS, STORAGE_ALIGN, TOPK, TOPK_CHUNK, TOPK_MERGE,
+                      UNIFORM_BYTES, activation_texture_rows)
 
 F32 = 4
 
@@ -458,8 +458,11 @@ class GraphBuilder:
             return out
         params = self.k.variant("matmul", qtype=gate.qtype, epilogue="glu", bias=False, act=act, wtex=gate.texture)
         if params.get("xshare") and gate.qtype == up.qtype and gate.parts_like(up) and gate.texture == up.texture:
-            # gate and up in one pass over the activations, glu_rows rows of each an invocation
-            params["rows"] = params.get("glu_rows") or max(1, params["rows"] // 2)
+            # gate and up in one pass over the activations, glu_rows rows of each an invocation (glu_rows_k
+            # for the 256-value K-quants, whose unrolled dequantization is the larger)
+            kquant = BLOCK_VALUES.get(gate.qtype) == 256
+            params["rows"] = ((kquant and params.get("glu_rows_k")) or params.get("glu_rows")
+                              or max(1, params["rows"] // 2))
             out = self._tensor(gate.rows, x.rows)
             self._shared_matmul(x, gate, out, params, w2=up, written=out)
             return out

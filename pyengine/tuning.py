@@ -19,8 +19,11 @@ tokens, and a four of rows reads its scale words in one load. With the activatio
 4 by 16 beats 4 by 8 at SmolLM2's shapes and at the 1B's (gate and up 43 against 38 GFLOP/s and 47
 against 41, down 41 against 36 and 35 against 32; gate and up at 2 rows of each 34 and 35):
 benchmarks/matvec_parts.py --prefill --variants [--glu]); where they hold 4 (SwiftShader)
-by broadcasts from 4 lanes, 8 rows by 8 tokens an invocation (SmolLM2's 128-token prefill 9.1 -> 3.8 s
-there against the tiled kernel, which stays for adapters without subgroups). GPUs with subgroups take
+by broadcasts from 4 lanes, 8 rows by 8 tokens an invocation, 8 invocations a workgroup, gate and up 12 rows of
+each (SmolLM2's 128-token prefill 9.1 -> 3.8 s there against the tiled kernel, which stays for adapters
+without subgroups; then 8 rows a workgroup of 8, not 16, and gate and up at 12, not 4: 25.2 -> 30.4 tok/s in
+Chromium. 16 rows, and 16 of gate and up, gain little more and compile for seconds longer: SwiftShader's
+compile time grows with the unrolled body). GPUs with subgroups take
 the shared mat-mat too: one dispatch a weight for all the step's tokens instead of one a tile of 8, with
 the RMSNorm and RoPE folded in (an H100 on Vulkan prefilled the 1B's shapes at 1529-1541 tok/s against
 233-235 with the one-row tiled kernel: time to first token 0.083 s against 0.55). Prefill attention shares each key and value by broadcasts the same way where
@@ -55,7 +58,8 @@ GPU_SPACE = {"matvec": [{"rows": 4, "wg": 64, "split": 8}, {"rows": 4, "wg": 64,
                         {"rows": 4, "wg": 128, "split": 32}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 4, "glu_rows": 4, "t": 16, "xl": 8}
-MATMUL_XSHARE4 = {"wg": 16, "xshare": True, "rows": 8, "glu_rows": 4, "t": 8, "xl": 4}
+# SwiftShader compiles the gate and up of a K-quant at 8 rows of each with more than 8 GB (4: under 300 MB)
+MATMUL_XSHARE4 = {"wg": 8, "xshare": True, "rows": 8, "glu_rows": 12, "glu_rows_k": 4, "t": 8, "xl": 4}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 # CPU adapters: decode attention splits a head's keys over 8 invocations, not 32: fewer wait at its
 # barrier and less workgroup memory to combine (in Chromium on SwiftShader 46 -> 21 ms a SmolLM2 token);
