@@ -155,13 +155,14 @@ export class Replayer {
     }
   }
 
+  // what createComputePipeline(Async) takes for a kernel of `module`
+  static _pipelineDesc(module, constants, label) {
+    return { layout: "auto", label, compute: { module, entryPoint: "main", constants } };
+  }
+
   createPipeline(code, constantsJson, label) {
-    return this._make(() => {
-      const module = this.device.createShaderModule({ code, label });
-      return this.device.createComputePipeline({
-        layout: "auto", label, compute: { module, entryPoint: "main", constants: JSON.parse(constantsJson) },
-      });
-    });
+    return this._make(() => this.device.createComputePipeline(Replayer._pipelineDesc(
+      this.device.createShaderModule({ code, label }), JSON.parse(constantsJson), label)));
   }
 
   // the kernels of specJson ([[code, constants, label], ...]) compiled while the page goes on
@@ -172,7 +173,7 @@ export class Replayer {
     const specs = JSON.parse(specJson);
     const modules = specs.map(([code, , label]) => this.device.createShaderModule({ code, label }));
     const made = await Promise.allSettled(specs.map(([, constants, label], i) =>
-      this.device.createComputePipelineAsync({ layout: "auto", label, compute: { module: modules[i], entryPoint: "main", constants } })));
+      this.device.createComputePipelineAsync(Replayer._pipelineDesc(modules[i], constants, label))));
     this._check();
     return Promise.all(made.map(async (m, i) => {
       if (m.status === "fulfilled") return this._put(m.value);
