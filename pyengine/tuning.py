@@ -142,10 +142,9 @@ async def rule_choice(engine) -> dict:
     return {"matmul": matmul, "attention": dict(ATTENTION_SHARE if lanes >= 8 else ATTENTION_SHARE4)}
 
 
-async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):
-    """A function timing one replay of `repeat` mat-vecs of `weight` with `variant` (seconds per mat-vec);
-    the plan is built and compiled (and run once) before it returns."""
-    be, k = engine.backend, engine.kernels
+def _matvec_graph(engine, weight, variant: dict, repeat: int):
+    """A graph of `repeat` mat-vecs of `weight` with `variant`: (graph, x, out)."""
+    k = engine.kernels
     saved = k.tuning.get("matvec")
     k.tuning["matvec"] = variant
     try:
@@ -154,15 +153,23 @@ async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):
         out = g._tensor(weight.rows, 1)
         for _ in range(repeat):
             g._matvec(weight, x, out.buffer, "store")
-        # the mat-vecs alone: the copy of x into a texture where they read one (graph._x_texture), made once
-        # for all of them, is no part of any variant's time
-        plan = be.create_plan([d for d in g.dispatches if d.family != "to_texture"], "tuning")
-        await be.submit_and_read(plan, engine.state.step, 0, 16)      # compiles, warms up
     finally:
         if saved is None:
             k.tuning.pop("matvec", None)
         else:
             k.tuning["matvec"] = saved
+    return g, x, out
+
+
+async def matvec_timer(engine, weight, variant: dict, repeat: int = 8):
+    """A function timing one replay of `repeat` mat-vecs of `weight` with `variant` (seconds per mat-vec);
+    the plan is built and compiled (and run once) before it returns."""
+    be = engine.backend
+    g, x, out = _matvec_graph(engine, weight, variant, repeat)
+    # the mat-vecs alone: the copy of x into a texture where they read one (graph._x_texture), made once
+    # for all of them, is no part of any variant's time
+    plan = be.create_plan([d for d in g.dispatches if d.family != "to_texture"], "tuning")
+    await be.submit_and_read(plan, engine.state.step, 0, 16)      # compiles, warms up
 
     async def once() -> float:
         t0 = time.perf_counter()
@@ -197,6 +204,10 @@ async def measure_variants(engine, weight, variants: list[dict], rounds: int = 5
     """Seconds per mat-vec for each variant (with `norm`, then seconds per RMSNorm dispatch last): the
     timers take turns, round after round, and each keeps its fastest time, so a burst of other work on
     the machine weighs on none of them alone."""
+    # every variant's kernels compile together first (natively side by side, a browser's GPU process
+    # likewise), not one after another as each timer is made
+    kernels = [kern for v in variants for kern in _matvec_graph(engine, weight, v, 1)[0].kernels]
+    await engine.kernels.start_compile(kernels)
     timers = [await matvec_timer(engine, weight, v, repeat) for v in variants]
     if norm is not None:
         timers.append(await norm_timer(engine, norm, repeat))

@@ -207,3 +207,32 @@ def test_invalid_utf8_on_the_command_line_is_replaced_not_fatal(tiny_llama):
     r = subprocess.run([sys.executable, "-m", "pyengine", "tokenize", "--model", tiny_llama, os.fsdecode(arg)],
                        capture_output=True)
     assert r.returncode == 0 and r.stdout.startswith(b"[")
+
+
+def test_kernels_compiled_side_by_side_come_back_in_order_and_a_broken_one_is_named(backend):
+    """Natively the load compiles its kernels on a thread a core (NativeBackend.create_pipelines): each
+    pipeline must land in its own place, and a kernel that does not compile must fail the compile with
+    its own name, not another's."""
+    def kernel(value: int, broken: bool = False) -> str:
+        body = "out[0] = undefined_name;" if broken else f"out[0] = {value}u;"
+        return ("@group(0) @binding(0) var<storage, read_write> out: array<u32>;\n"
+                f"@compute @workgroup_size(1) fn main() {{ {body} }}\n")
+
+    from pyengine.gpu import Binding, Dispatch
+
+    sources = [(kernel(v), {}, f"k{v}") for v in range(8)]
+    async def wait(pending):
+        return await pending
+
+    pipes = run(wait(backend.start_pipelines(sources)))
+    buf = backend.create_buffer(16, "out")
+    try:
+        for v, pipe in enumerate(pipes):
+            plan = backend.create_plan([Dispatch(pipe, {0: Binding(buf)}, (1, 1, 1), "k")])
+            assert int.from_bytes(run(backend.submit_and_read(plan, buf, 0, 4)), "little") == v
+    finally:
+        backend.destroy_buffer(buf)
+    broken = sources[:3] + [(kernel(0, broken=True), {}, "the-broken-one")] + sources[3:]
+    pending = backend.start_pipelines(broken)
+    with pytest.raises(GPUError, match="the-broken-one"):
+        run(wait(pending))

