@@ -26,7 +26,10 @@ Chromium. 16 rows, and 16 of gate and up, gain little more and compile for secon
 compile time grows with the unrolled body). GPUs with subgroups take
 the shared mat-mat too: one dispatch a weight for all the step's tokens instead of one a tile of 8, with
 the RMSNorm and RoPE folded in (an H100 on Vulkan prefilled the 1B's shapes at 1529-1541 tok/s against
-233-235 with the one-row tiled kernel: time to first token 0.083 s against 0.55). Prefill attention shares each key and value by broadcasts the same way where
+233-235 with the one-row tiled kernel: time to first token 0.083 s against 0.55), in a shape of their own
+(MATMUL_GPU: 2 rows by 8 tokens an invocation, 32 a workgroup; lavapipe's 4 by 16 unrolls into kernels
+NVIDIA's driver takes 1-2.3 s each to compile): the 1B's shapes prefill at 3778-3906 tok/s against
+1477-1482, time to first token 0.033 s against 0.087, and the plans compile in 2.2-2.8 s against 9.1-9.4. Prefill attention shares each key and value by broadcasts the same way where
 subgroups hold 8 lanes or 4 (SwiftShader's 128-token prefill 4.68 -> 3.96 s). Decode attention
 splits a head's keys over 8 invocations on CPU adapters and 32 on GPUs; on CPU adapters a workgroup
 computes the query heads of one kv head together.
@@ -58,6 +61,11 @@ GPU_SPACE = {"matvec": [{"rows": 4, "wg": 64, "split": 8}, {"rows": 4, "wg": 64,
                         {"rows": 4, "wg": 128, "split": 32}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 4, "glu_rows": 4, "t": 16, "xl": 8}
+# GPUs with subgroups of 8 lanes or more: smaller invocations, more of them (an H100 on Vulkan, 128 tokens of
+# Q4_1: gate and up at 8192x2048 409 us against 1596 with MATMUL_XSHARE, compiling in 0.38 s against 2.34;
+# 2048x8192 514 us against 1406: benchmarks/matvec_parts.py --prefill --variants [--glu]). Rows not in
+# fours: RoPE and the cache write keep their own kernel there (graph._fold_rope_tokens), a dispatch a layer
+MATMUL_GPU = {"wg": 32, "xshare": True, "rows": 2, "glu_rows": 2, "t": 8, "xl": 8}
 # SwiftShader compiles the gate and up of a K-quant at 8 rows of each with more than 8 GB (4: under 300 MB)
 MATMUL_XSHARE4 = {"wg": 8, "xshare": True, "rows": 8, "glu_rows": 12, "glu_rows_k": 4, "t": 8, "xl": 4}
 MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
@@ -136,7 +144,7 @@ async def rule_choice(engine) -> dict:
     lanes = await subgroup_size(engine.backend, engine.kernels)
     matmul = shared_matmul(lanes)
     if not is_cpu(engine.backend):      # the shared mat-mat too, the attention as GPUs want it
-        return {"matmul": matmul or {"xshare": False}}
+        return {"matmul": dict(MATMUL_GPU) if lanes >= 8 else matmul or {"xshare": False}}
     if matmul is None:
         return {"matmul": dict(MATMUL_CPU_TILED), "attention": dict(ATTENTION_CPU)}
     return {"matmul": matmul, "attention": dict(ATTENTION_SHARE if lanes >= 8 else ATTENTION_SHARE4)}

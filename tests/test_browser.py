@@ -276,13 +276,15 @@ def test_the_kernels_a_gpu_may_choose_compile_in_chromium(browser, site):
                      dict(qtype="Q6_K", epilogue="accumulate", bias=False),
                      dict(qtype="Q8_0", epilogue="store", bias=False, rope="k", freq_factors=True, kv_f16=False,
                           kvtex=False, norm=True)]
-        for v in (tuning.MATMUL_XSHARE, tuning.MATMUL_XSHARE4) if lanes else ():
+        for v in (tuning.MATMUL_GPU, tuning.MATMUL_XSHARE4) if lanes else ():
             for s in mm_shapes:
+                if s.get("rope") and v["rows"] % 4:     # RoPE keeps its own kernel there (graph._fold_rope_tokens)
+                    continue
                 params = k.variant("matmul", **{**v, **s})
                 if s["epilogue"] == "glu":
                     params["rows"] = params["glu_rows"]
                 codes.append((f"matmul {v} {s['qtype']} {s['epilogue']}", k.render("matmul", **params)))
-        assert sum(name.startswith("matmul") for name, _ in codes) == (2 * len(mm_shapes) if lanes else 0)
+        assert sum(name.startswith("matmul") for name, _ in codes) == (2 * len(mm_shapes) - 1 if lanes else 0)
         assert page.evaluate(COMPILE_JS, codes)["errors"] == []
     finally:
         ctx.close()

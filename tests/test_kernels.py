@@ -200,7 +200,7 @@ def test_rmsnorm_per_head_and_into_the_residual(rig):
 # the mat-mats chosen by rule (GPUs, CPU adapters without subgroups, lavapipe, SwiftShader) and more shapes of
 # the shared one
 MATMULS = {"tiled": {"xshare": False}, "tiled-cpu": tuning.MATMUL_CPU_TILED, "xshare": tuning.MATMUL_XSHARE,
-           "xshare-4-lanes": tuning.MATMUL_XSHARE4,
+           "xshare-4-lanes": tuning.MATMUL_XSHARE4, "xshare-gpu": tuning.MATMUL_GPU,
            "xshare-2x3": {**tuning.MATMUL_XSHARE, "rows": 2, "glu_rows": 2, "t": 3, "wg": 32},
            # two fours of rows an invocation reading their scale words by fours; gate and up one four each
            "xshare-8x3": {**tuning.MATMUL_XSHARE, "rows": 8, "glu_rows": 4, "t": 3, "wg": 16},

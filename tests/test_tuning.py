@@ -160,13 +160,13 @@ def test_defaults_tell_cpu_adapters_from_gpus(backend):
 
 def test_gpus_take_the_shared_mat_mat_by_rule_and_keep_their_attention():
     """Prefill on a GPU: the mat-mat that shares activations by broadcasts where subgroups allow (8 lanes or
-    more, or 4), else the tiled one; the attention keeps the GPU defaults (32 invocations a head's keys)."""
+    more in the GPU's own shape, or 4), else the tiled one; the attention keeps the GPU defaults (32 invocations a head's keys)."""
     class GPU:
         name = "native"
         adapter_info = {"vendor": "nvidia", "architecture": "", "device": "H100", "description": "",
                         "adapter_type": "DiscreteGPU"}
 
-    for lanes, want in ((32, tuning.MATMUL_XSHARE), (8, tuning.MATMUL_XSHARE), (4, tuning.MATMUL_XSHARE4),
+    for lanes, want in ((32, tuning.MATMUL_GPU), (8, tuning.MATMUL_GPU), (4, tuning.MATMUL_XSHARE4),
                         (0, {"xshare": False})):
         be = GPU()
         be.features, be.subgroup_size = ({"subgroups"} if lanes else set()), lanes
