@@ -29,8 +29,9 @@ the RMSNorm and RoPE folded in (an H100 on Vulkan prefilled the 1B's shapes at 1
 233-235 with the one-row tiled kernel: time to first token 0.083 s against 0.55), in a shape of their own
 (MATMUL_GPU: 2 rows by 8 tokens an invocation, 32 a workgroup; lavapipe's 4 by 16 unrolls into kernels
 NVIDIA's driver takes 1-2.3 s each to compile): the 1B's shapes prefill at 3778-3906 tok/s against
-1477-1482, time to first token 0.033 s against 0.087, and the plans compile in 2.2-2.8 s against 9.1-9.4. Prefill attention shares each key and value by broadcasts the same way where
-subgroups hold 8 lanes or 4 (SwiftShader's 128-token prefill 4.68 -> 3.96 s). Decode attention
+1477-1482, time to first token 0.033 s against 0.087, and the plans compile in 2.2-2.8 s against 9.1-9.4.
+Prefill attention shares each key and value by broadcasts the same way where subgroups hold 8 lanes or 4
+(SwiftShader's 128-token prefill 4.68 -> 3.96 s). Decode attention
 splits a head's keys over 8 invocations on CPU adapters and 32 on GPUs; on CPU adapters a workgroup
 computes the query heads of one kv head together.
 """
