@@ -7,8 +7,8 @@ Loads the model natively once, with every pipeline the load makes (the decode st
 prefill's, the tuner's variants) timed as the driver builds it, and prints them slowest first with
 their share of the whole. The driver's own shader cache can hide a compile: on NVIDIA set
 __GL_SHADER_DISK_CACHE=0 (or a fresh __GL_SHADER_DISK_CACHE_PATH) to see cold figures. Kernels the
-load compiles side by side (NativeBackend.create_pipelines, on CPU adapters) are timed each on its
-own thread, so their sum exceeds the load's plan time there.
+load compiles side by side (NativeBackend.create_pipelines, a thread a core) are timed each on its
+own thread, so their sum can exceed the load's plan time.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ def main():
     ap.add_argument("--top", type=int, default=15, help="kernels to list")
     a = ap.parse_args()
     if a.synthetic:
-        from pyengine.default_model import cache_dir
-        from pyengine.synthetic import write_synthetic
-        path = write_synthetic(os.path.join(cache_dir(), f"synthetic-{a.synthetic}.gguf"), a.synthetic)
+        from pyengine.synthetic import synthetic_model
+        path = synthetic_model(a.synthetic)
     elif a.model:
         path = a.model
     else:

@@ -48,7 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pyengine.gpu import Binding, Dispatch, open_backend  # noqa: E402
 from pyengine.kernels import (UNIFORM_BYTES, VARIANTS, Kernels, activation_texture_rows, packed_nbytes,  # noqa: E402
                               texture_rows)
-from pyengine.tuning import MATMUL_XSHARE, every_variant, shared_matmul, space, subgroup_size  # noqa: E402
+from pyengine.tuning import (MATMUL_XSHARE, every_variant, is_cpu, shared_matmul, space,  # noqa: E402
+                             subgroup_size)
 
 REPEAT = 20
 
@@ -283,7 +284,7 @@ async def time_int8(be, k, w, nbytes, a):
 
 async def time_matmul_shapes(be, k, w, x, consts, fixed, a):
     lanes = await subgroup_size(be, k)
-    base = shared_matmul(lanes)
+    base = shared_matmul(lanes, gpu=not is_cpu(be))
     if base is None:
         raise SystemExit("the shared mat-mat needs subgroups of at least 4 lanes; this adapter's hold "
                          f"{lanes}")

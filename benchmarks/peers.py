@@ -182,9 +182,8 @@ def main(argv=None):
                     choices=["native", "browser", "llama.cpp", "wllama", "wllama-webgpu"])
     a = ap.parse_args(argv)
     if a.synthetic:
-        from pyengine.default_model import cache_dir
-        from pyengine.synthetic import write_synthetic
-        path = write_synthetic(os.path.join(cache_dir(), f"synthetic-{a.synthetic}.gguf"), a.synthetic)
+        from pyengine.synthetic import synthetic_model
+        path = synthetic_model(a.synthetic)
     else:
         path = resolve_model(a.model)
     tok = Tokenizer.from_gguf(read_gguf(path))

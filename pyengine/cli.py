@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 
 from .errors import PyEngineError
@@ -243,10 +242,9 @@ async def cmd_bench(a):
 
     model = a.model
     if a.synthetic:
-        from .default_model import cache_dir
-        from .synthetic import write_synthetic
+        from .synthetic import synthetic_model
 
-        model = write_synthetic(os.path.join(cache_dir(), f"synthetic-{a.synthetic}.gguf"), a.synthetic)
+        model = synthetic_model(a.synthetic)
     if a.backend == "browser":
         result = await run_browser_bench(model, runs=a.runs, prompt_tokens=a.prompt_tokens,
                                          gen_tokens=a.gen_tokens, dist=a.dist, build=a.build or bool(a.synthetic),

@@ -61,6 +61,13 @@ def _random_blocks(qtype: str, n_values: int) -> bytes:
     return bytes(data)
 
 
+def synthetic_model(name: str) -> str:
+    """The synthetic model `name` in the cache folder, written there on first use."""
+    from .default_model import cache_dir
+
+    return write_synthetic(os.path.join(cache_dir(), f"synthetic-{name}.gguf"), name)
+
+
 def write_synthetic(path: str, name: str = "llama-1b", shape: dict | None = None) -> str:
     """Writes the synthetic model `name` (see SHAPES, or `shape`) to `path`, unless it is there already."""
     if shape is None and name not in SHAPES:

@@ -132,20 +132,24 @@ async def subgroup_size(backend, kernels) -> int:
     return size
 
 
-def shared_matmul(lanes: int) -> dict | None:
-    """The shared prefill mat-mat for subgroups of `lanes` (broadcasts from 8 lanes or 4); None below 4."""
+def shared_matmul(lanes: int, gpu: bool = False) -> dict | None:
+    """The shared prefill mat-mat for subgroups of `lanes` (broadcasts from 8 lanes or 4), on a GPU or a CPU
+    adapter; None below 4."""
     if lanes < 4:
         return None
-    return dict(MATMUL_XSHARE if lanes >= 8 else MATMUL_XSHARE4)
+    if lanes < 8:
+        return dict(MATMUL_XSHARE4)
+    return dict(MATMUL_GPU if gpu else MATMUL_XSHARE)
 
 
 async def rule_choice(engine) -> dict:
     """The kernels chosen by rule for this adapter, not timed: the prefill mat-mat, and the attention's
     prefill shape and decode split (see the module's docstring)."""
     lanes = await subgroup_size(engine.backend, engine.kernels)
-    matmul = shared_matmul(lanes)
-    if not is_cpu(engine.backend):      # the shared mat-mat too, the attention as GPUs want it
-        return {"matmul": dict(MATMUL_GPU) if lanes >= 8 else matmul or {"xshare": False}}
+    gpu = not is_cpu(engine.backend)
+    matmul = shared_matmul(lanes, gpu)
+    if gpu:      # the shared mat-mat too, the attention as GPUs want it
+        return {"matmul": matmul or {"xshare": False}}
     if matmul is None:
         return {"matmul": dict(MATMUL_CPU_TILED), "attention": dict(ATTENTION_CPU)}
     return {"matmul": matmul, "attention": dict(ATTENTION_SHARE if lanes >= 8 else ATTENTION_SHARE4)}
