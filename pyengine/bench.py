@@ -112,6 +112,36 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
     return {"gb_s": max(variants.values()), "variants_gb_s": variants, "buffer_bytes": size}
 
 
+
+async def measure_arithmetic(backend, kernels, reps: int = 3) -> dict:
+    """The rate of f32 multiply-adds a kernel of nothing else reaches on this adapter (independent
+    chains, no loads): the ceiling for prefill, whose mat-mats are multiply-adds, as the streaming
+    bandwidth is decode's. Counted as 2 FLOPs a multiply-add, the best of a few shapes."""
+    n = 16384 if is_cpu(backend) else 16 * 16384      # a GPU needs many more invocations in flight
+    iters = 4096        # about 0.1 s a replay on lavapipe: long beside the submission's cost
+    dst = backend.create_buffer(n * 4, "arithmetic sink")
+    variants = {}
+    try:
+        for chains, unroll in ((8, 4), (16, 4)):
+            pipe = kernels.pipeline("arithmetic", {"chains": chains, "unroll": unroll}, {"ITERS": iters})
+            plan = backend.create_plan([Dispatch(pipe, {0: Binding(dst)}, split_workgroups(n // 64),
+                                                 "arithmetic", "arithmetic")])
+            flops = 2 * 4 * chains * unroll * iters * n
+            variants[f"{chains} chains"] = round(flops / await _time_plan(backend, plan, reps) / 1e9, 2)
+    finally:
+        backend.destroy_buffer(dst)
+    return {"gflop_s": max(variants.values()), "variants_gflop_s": variants}
+
+
+def prefill_flops(engine, n: int) -> int:
+    """The FLOPs (2 a multiply-add) of a prefill of n tokens: every layer weight for each token, the
+    attention of each token over the keys it sees (q.k and p.v), the output head for the last token."""
+    a = engine.args
+    mats = sum(w.rows * w.cols for name, w in engine.weights.items() if name.startswith("blk.") and w.rows > 1)
+    attention = a.n_layers * a.n_heads * a.head_dim * n * (n + 1)
+    head = engine.model.output.rows * engine.model.output.cols
+    return 2 * (mats * n + attention + head)
+
 async def profile_decode(engine, position: int = 192, reps: int = 8) -> dict:
     """GPU time of one decode step and of each kernel family in it, replayed on their own."""
     be = engine.backend
@@ -166,7 +196,7 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
         if len(loads) == 1:
             cold_parts = engine.load_times
     prompt = bench_prompt(engine.tokenizer, prompt_tokens)
-    prefill, decode, ttft, bandwidths = [], [], [], []
+    prefill, decode, ttft, bandwidths, rates = [], [], [], [], []
     for i in range(runs + 1):
         gen = await _generate(engine, prompt, gen_tokens)
         if i == 0:
@@ -175,8 +205,9 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
             prefill.append(gen.timings.prefill_tok_s)
             decode.append(gen.timings.decode_tok_s)
             ttft.append(gen.timings.ttft_s)
-            if profile:     # right after the decode it bounds: this machine's speed drifts by the minute
+            if profile:     # right after the run they bound: this machine's speed drifts by the minute
                 bandwidths.append(await measure_bandwidth(engine.backend, engine.kernels))
+                rates.append(await measure_arithmetic(engine.backend, engine.kernels))
     out = {
         "model": str(model_path),
         "backend": "native",
@@ -199,32 +230,49 @@ async def run_bench(model_path, backend="native", runs=3, prompt_tokens=128, gen
         "context": engine.context_length,
     }
     if profile:
-        out.update(await limits_and_profile(engine, out["decode_tok_s"], list(zip(decode, bandwidths))))
+        out.update(await limits_and_profile(engine, out["decode_tok_s"], list(zip(decode, bandwidths)),
+                                            prompt_tokens=len(prompt), prefill_paired=list(zip(prefill, rates))))
     return out
 
 
-async def limits_and_profile(engine, decode_tok_s: float, paired: list | None = None) -> dict:
-    """The decode limit the adapter's read bandwidth sets, decode as a fraction of it, and the kernel
-    profile. `paired`: (decode tok/s, bandwidth) of each run, the bandwidth measured right after that
-    run's decode; then the bandwidth and the fraction are the medians over the runs, each run's decode
-    held against its own bandwidth (on a shared machine both move together from minute to minute)."""
+async def limits_and_profile(engine, decode_tok_s: float, paired: list | None = None, prefill_tok_s: float = 0.0,
+                             prompt_tokens: int = 128, prefill_paired: list | None = None) -> dict:
+    """The decode limit the adapter's read bandwidth sets and the prefill limit its arithmetic rate sets,
+    each speed as a fraction of its limit, and the kernel profile. `paired`: (decode tok/s, bandwidth)
+    of each run, the bandwidth measured right after that run; `prefill_paired` likewise (prefill tok/s,
+    arithmetic rate). Then the limit and the fraction are the medians over the runs, each run held
+    against its own measurement (on a shared machine both move together from minute to minute);
+    without them, one measurement now against `decode_tok_s` and `prefill_tok_s`."""
     per_token = weight_bytes_per_token(engine)
-    if paired:
-        bw = sorted((b for _, b in paired), key=lambda b: b["gb_s"])[(len(paired) - 1) // 2]
-        bw = {**bw, "runs_gb_s": [b["gb_s"] for _, b in paired]}
-        fraction = med([d / (b["gb_s"] * 1e9 / per_token) for d, b in paired])
-    else:
-        bw = await measure_bandwidth(engine.backend, engine.kernels)
-        fraction = decode_tok_s / (bw["gb_s"] * 1e9 / per_token)
+    bw, fraction = await _against_limit(paired, decode_tok_s, per_token, "gb_s",
+                                        lambda: measure_bandwidth(engine.backend, engine.kernels))
+    flops = prefill_flops(engine, prompt_tokens) / prompt_tokens
+    rate, prefill_fraction = await _against_limit(prefill_paired, prefill_tok_s, flops, "gflop_s",
+                                                  lambda: measure_arithmetic(engine.backend, engine.kernels))
     prof = await profile_decode(engine)
-    limit = bw["gb_s"] * 1e9 / per_token
     return {
         "bandwidth": bw,
-        "decode_limit_tok_s": round(limit, 2),
+        "decode_limit_tok_s": round(bw["gb_s"] * 1e9 / per_token, 2),
         "decode_fraction_of_limit": round(fraction, 4),
+        "arithmetic": rate,
+        "prefill_flops_per_token": round(flops),
+        "prefill_limit_tok_s": round(rate["gflop_s"] / (flops / 1e9), 2),
+        "prefill_fraction_of_limit": round(prefill_fraction, 4),
         "profile": {**prof, "cpu_and_wait_ms_per_token": round(1e3 / decode_tok_s - prof["gpu_ms_per_token"], 3)
                     if decode_tok_s else None},
     }
+
+
+async def _against_limit(paired: list | None, speed: float, cost: float, key: str, measure) -> tuple:
+    """(the measurement that sets a limit, `speed` as a fraction of that limit): the limit in tokens/s is
+    the measurement's `key` (GB/s or GFLOP/s) over `cost`, a token's bytes or FLOPs. With `paired`
+    ((speed, measurement) of each run), the median measurement and the median of each run's fraction."""
+    if paired:
+        m = sorted((x for _, x in paired), key=lambda x: x[key])[(len(paired) - 1) // 2]
+        m = {**m, "runs_" + key: [x[key] for _, x in paired]}
+        return m, med([v / (x[key] * 1e9 / cost) for v, x in paired])
+    m = await measure()
+    return m, speed / (m[key] * 1e9 / cost)
 
 
 # -- in the browser ----------------------------------------------------------------------------------
@@ -380,7 +428,9 @@ async def run_browser_bench(model=None, runs=3, prompt_tokens=128, gen_tokens=12
                 "largest_shard_mb": round(shard_max / 1e6, 1),
             }
             if profile:
-                out.update(await page.evaluate("(d) => window.engine._profileForBenchmark(d)", out["decode_tok_s"]))
+                out.update(await page.evaluate("(r) => window.engine._profileForBenchmark(r)",
+                                               {"decodeTokS": out["decode_tok_s"], "prefillTokS": out["prefill_tok_s"],
+                                                "promptTokens": used}))
             await browser.close()
     finally:
         httpd.shutdown()

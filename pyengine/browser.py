@@ -129,15 +129,17 @@ class Session:
             "jsCallsPerToken": (self.engine.backend.calls - calls0) / max(1, gen.usage.completion_tokens),
         }
 
-    async def profile(self, decode_tok_s: float) -> str:
-        """The adapter's streaming bandwidth and the decode step's GPU time per kernel, measured here
-        in the worker by the same code as natively (pyengine.bench)."""
+    async def profile(self, decode_tok_s: float, prefill_tok_s: float = 0.0, prompt_tokens: int = 128) -> str:
+        """The adapter's streaming bandwidth and arithmetic rate, the limits they set, and the decode
+        step's GPU time per kernel, measured here in the worker by the same code as natively
+        (pyengine.bench)."""
         from .bench import limits_and_profile
 
         try:
             if self.engine is None:
                 raise PyEngineError("no model is loaded")
-            return json.dumps(await limits_and_profile(self.engine, decode_tok_s))
+            return json.dumps(await limits_and_profile(self.engine, decode_tok_s, prefill_tok_s=prefill_tok_s,
+                                                       prompt_tokens=prompt_tokens))
         except Exception as e:   # noqa: BLE001
             return _error(e)
 

@@ -217,6 +217,7 @@ def test_browser_benchmark_reports_loads_speed_memory_and_calls_per_token(site):
     assert r["js_calls_per_token"] <= 5            # DESIGN.md rule 1: a handful of calls per token
     assert r["page_memory_peak_while_loading_mb"] >= r["page_memory_after_load_mb"] > 0
     assert r["bandwidth"]["gb_s"] > 0 and "matvec" in r["profile"]["kernels"]
+    assert r["arithmetic"]["gflop_s"] > 0 and r["prefill_fraction_of_limit"] > 0
 
 
 COMPILE_JS = """async (codes) => {

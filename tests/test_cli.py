@@ -59,6 +59,10 @@ def test_bench_prints_json(tiny_llama):
     assert out["prompt_tokens"] == 20 and out["decode_tok_s"] > 0
     assert out["host"]["cpu"] and out["host"]["cores"] >= 1     # CPU adapters' figures hinge on the host
     assert out["bandwidth"]["gb_s"] > 0 and 0 < out["decode_fraction_of_limit"]
+    rate = out["arithmetic"]
+    assert len(rate["runs_gflop_s"]) == 2 and rate["gflop_s"] == max(rate["variants_gflop_s"].values()) > 0
+    assert out["prefill_limit_tok_s"] == pytest.approx(rate["gflop_s"] * 1e9 / out["prefill_flops_per_token"], rel=1e-3)
+    assert 0 < out["prefill_fraction_of_limit"]
     kernels = out["profile"]["kernels"]
     assert {"matvec", "attention", "topk", "rmsnorm"} <= set(kernels)
     assert sum(k["dispatches"] for k in kernels.values()) == out["dispatches_per_token"]
@@ -123,6 +127,31 @@ def test_an_adapter_is_chosen_by_name_and_an_unknown_one_is_named(tiny_llama):
     assert res.returncode == 0, res.stderr
     assert_user_error(pyengine("info", "--model", tiny_llama, "--adapter", "no-such-gpu"),
                       "no WebGPU adapter matches 'no-such-gpu'; found:")
+
+
+def test_prefill_flops_count_every_layer_weight_causal_attention_and_one_head(tiny_llama):
+    """Checked against the file as the gguf package reads it: the layers' matrices for each token,
+    q.k and p.v over the 1..n keys the tokens see, the output head (here the tied embedding) once."""
+    import gguf
+
+    from conftest import run
+    from pyengine.bench import prefill_flops
+    from pyengine.engine import Engine
+
+    reader = gguf.GGUFReader(tiny_llama)
+    field = lambda name: int(reader.fields[name].parts[-1][0])      # noqa: E731
+    layers, heads = field("llama.block_count"), field("llama.attention.head_count")
+    head_dim = field("llama.embedding_length") // heads
+    tensors = {t.name: t for t in reader.tensors}
+    mats = sum(int(t.n_elements) for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2)
+    head = int(tensors.get("output.weight", tensors["token_embd.weight"]).n_elements)
+    engine = run(Engine.open(tiny_llama, "native"))
+    try:
+        for n in (1, 7, 128):
+            keys = n * (n + 1) // 2
+            assert prefill_flops(engine, n) == 2 * (mats * n + 2 * layers * heads * head_dim * keys + head)
+    finally:
+        engine.close()
 
 
 def test_the_bandwidth_kernel_gives_gpus_more_invocations(backend, monkeypatch):

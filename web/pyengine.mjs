@@ -127,7 +127,9 @@ export class Engine {
   resetChat() { return this._ch.call("reset"); }
   runtimeStats() { return this._ch.call("stats"); }
   memoryStats() { return this._ch.call("memory"); }
-  _profileForBenchmark(decodeTokS) { return this._ch.call("profile", { decodeTokS }); }
+  _profileForBenchmark({ decodeTokS, prefillTokS, promptTokens }) {
+    return this._ch.call("profile", { decodeTokS, prefillTokS, promptTokens });
+  }
   _loseDeviceForTesting() { return this._ch.call("loseDevice"); }
   async unload() {
     await this._ch.call("unload");

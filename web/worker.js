@@ -163,10 +163,11 @@ const ops = {
   // for fault tests: what a driver reset does to the page
   async loseDevice() { if (replayer) replayer.device.destroy(); },
 
-  // for the benchmark: bandwidth and a per-kernel profile, measured by the engine's Python in this worker
-  async profile(id, { decodeTokS }) {
+  // for the benchmark: bandwidth, arithmetic rate and a per-kernel profile, measured by the engine's
+  // Python in this worker
+  async profile(id, { decodeTokS, prefillTokS, promptTokens }) {
     if (!session) throw new Error("no model is loaded");
-    return fail(await session.profile(decodeTokS || 0));
+    return fail(await session.profile(decodeTokS || 0, prefillTokS || 0, promptTokens || 128));
   },
 
   async reset() { if (session) session.reset(); },
