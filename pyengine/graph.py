@@ -513,6 +513,7 @@ class GraphBuilder:
         out = self._tensor(q.cols, q.rows)
         params = self.k.variant("attention", hd=head_dim, kv_f16=cache.f16, kvtex=cache.textures)
         split, group = params.pop("decode_split"), params.pop("decode_group")
+        prefill_group = params.pop("prefill_group")
         per_kv = n_heads // n_kv_heads
         if q.rows == 1:      # decode: each head's keys split over a workgroup
             split = min(split, 2048 // head_dim)
@@ -523,7 +524,10 @@ class GraphBuilder:
             params.update(split=split, group=group, share=False)
             groups = n_heads // group
         else:
-            params.update(split=0, group=1)
+            # shared (prefill): query heads of one kv head a workgroup, each key and value fetched and
+            # broadcast once for them all, as many as asked that divide the heads a kv head serves
+            group = max(g for g in range(1, min(prefill_group, per_kv) + 1) if per_kv % g == 0)
+            params.update(split=0, group=group if params.get("share") else 1)
             groups = -(-q.rows * n_heads // params["wg"])
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}
@@ -547,8 +551,8 @@ class GraphBuilder:
                     binds[7] = rope["freq_factors"].buffer
             else:
                 self.rope_kv(q, layer=layer, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, **rope)
-        if params.get("share") and q.rows > 1:        # a workgroup per (head, block of tokens)
-            groups = n_heads * -(-q.rows // params["wg"])
+        if params.get("share") and q.rows > 1:        # a workgroup per (group of heads, block of tokens)
+            groups = n_heads // params["group"] * -(-q.rows // params["wg"])
         # the output in a texture too, for the mat-vec or mat-mat after (_x_texture) where it reads one
         tex = self._out_texture(out)
         if tex is not None:

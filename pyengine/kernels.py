@@ -35,7 +35,9 @@ VARIANTS = {
     "matvec": {"wg": 32, "rows": 4, "xshare": False, "split": 0, "norm": False, "xtex": False, "ytex": False},
     "matmul": {"wg": 64, "xshare": False, "rows": 1, "tmax": 8, "norm": False, "xtex": False, "ytex": False, "rope": False},
     "rmsnorm": {"wg": 64},
-    "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1, "otex": False},   # decode: invocations a head's keys split over
+    # decode_split: invocations a head's keys split over in decode; *_group: query heads a workgroup takes
+    "attention": {"wg": 64, "share": False, "decode_split": 32, "decode_group": 1, "prefill_group": 1,
+                  "otex": False},
 }
 
 TEXTURE_WIDTH = 1024         # texels (16 bytes) a row of a weight texture (shaders/_quant.wgsl.j2: weight_binding)

@@ -76,9 +76,12 @@ MATMUL_CPU_TILED = {"wg": 16, "xshare": False, "rows": 6, "tmax": 16}
 # (a decode step's attention: SmolLM2 4.4 -> 3.2 ms on lavapipe, 16.3 -> 11.3 on SwiftShader; the 1B
 # shapes 7.0 -> 4.1 ms)
 ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
-ATTENTION_SHARE = {"wg": 16, "share": True, **ATTENTION_CPU}
+# prefill attention shared over subgroup lanes: a workgroup takes up to 4 query heads of one kv head, each
+# key and value fetched and broadcast once for them (SmolLM2, 128 tokens on lavapipe: 48 -> 39 ms, prefill
+# 164.7 -> 171.4 tok/s, medians of three benches each, taking turns)
+ATTENTION_SHARE = {"wg": 16, "share": True, "prefill_group": 4, **ATTENTION_CPU}
 ATTENTION_SHARE4 = {**ATTENTION_SHARE, "xl": 4}
-VERSION = 11      # a change to the kernels, the space or the key makes older measurements stale
+VERSION = 12      # a change to the kernels, the space or the key makes older measurements stale
 
 
 def space(lanes: int, gpu: bool = False) -> list[dict]:

@@ -505,14 +505,16 @@ def attention_np(q, keys, vals, group, window=0):
 
 
 # prefill attention: an invocation per (token, head) loading its keys, or keys shared by broadcasts
+# (the shared ones take up to prefill_group query heads of one kv head a workgroup)
 ATTENTIONS = {"plain": {"wg": 64, "share": False}, "cpu": tuning.ATTENTION_CPU, "share": tuning.ATTENTION_SHARE,
               "share-4-lanes": tuning.ATTENTION_SHARE4,
+              "share-1-head": {**tuning.ATTENTION_SHARE, "prefill_group": 1},
               "cpu-2-heads": {**tuning.ATTENTION_CPU, "decode_group": 2}}
 
 
 # "separate": RoPE's own dispatch, then attention; "folded": rope_attention, which folds RoPE and the cache
 # write into decode attention where a workgroup holds every query head of its kv head (3 of them here, or 1)
-HOW = {"separate": 2, "folded": 2, "folded-mha": 6}      # kv heads of the 6 query heads
+HOW = {"separate": 2, "folded": 2, "folded-mha": 6, "folded-pairs": 3}      # kv heads of the 6 query heads
 
 
 @pytest.mark.parametrize("how", HOW)
