@@ -1,9 +1,10 @@
 """`pyengine bench`: what a user waits for (load, time to first token, prefill and decode speed) and
 where the time goes (the adapter's streaming read bandwidth, decode as a fraction of the limit it
-sets, GPU time per kernel family, CPU time per token), as JSON; medians of several runs.
+sets, its arithmetic rate, prefill as a fraction of the limit that sets, GPU time per kernel family,
+CPU time per token), as JSON; medians of several runs.
 
-The measurements of the GPU itself (measure_bandwidth, profile_decode) run the same Python code
-natively and inside the page's worker, through whichever backend the engine has.
+The measurements of the GPU itself (measure_bandwidth, measure_arithmetic, profile_decode) run the
+same Python code natively and inside the page's worker, through whichever backend the engine has.
 """
 
 from __future__ import annotations
@@ -112,7 +113,6 @@ async def measure_bandwidth(backend, kernels, mb: int = 256, reps: int = 5) -> d
     return {"gb_s": max(variants.values()), "variants_gb_s": variants, "buffer_bytes": size}
 
 
-
 async def measure_arithmetic(backend, kernels, reps: int = 3) -> dict:
     """The rate of f32 multiply-adds a kernel of nothing else reaches on this adapter (independent
     chains, no loads): the ceiling for prefill, whose mat-mats are multiply-adds, as the streaming
@@ -141,6 +141,7 @@ def prefill_flops(engine, n: int) -> int:
     attention = a.n_layers * a.n_heads * a.head_dim * n * (n + 1)
     head = engine.model.output.rows * engine.model.output.cols
     return 2 * (mats * n + attention + head)
+
 
 async def profile_decode(engine, position: int = 192, reps: int = 8) -> dict:
     """GPU time of one decode step and of each kernel family in it, replayed on their own."""
