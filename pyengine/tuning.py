@@ -13,12 +13,16 @@ Where nothing was measured, DEFAULTS applies.
 
 The prefill mat-mat and attention are chosen by rule, not timed. On CPU adapters every invocation loads the
 activations it reads for itself, so the kernels share them: where subgroups hold at least 8 lanes
-(lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there; 4 rows by 16 tokens an
-invocation, gate and up 4 rows of each: each broadcast value serves 4 rows, each dequantized weight 16
-tokens, and a four of rows reads its scale words in one load. With the activations read from textures,
-4 by 16 beats 4 by 8 at SmolLM2's shapes and at the 1B's (gate and up 43 against 38 GFLOP/s and 47
-against 41, down 41 against 36 and 35 against 32; gate and up at 2 rows of each 34 and 35):
-benchmarks/matvec_parts.py --prefill --variants [--glu]); where they hold 4 (SwiftShader)
+(lavapipe) by subgroup broadcasts (`xshare`, 4x the tiled kernel there; 8 rows by 32 tokens an
+invocation, 8 a workgroup, gate and up 4 rows of each: each broadcast value serves 8 rows, each dequantized
+weight 32 tokens, and a four of rows reads its scale words in one load. With the activations read from
+textures, on the Xeon of README.md's peer table (benchmarks/matvec_parts.py --prefill --variants [--glu]),
+8 by 32 beats the 4 by 16 before it at every shape of SmolLM2: 576x576 1868 against 2224 us, 576x1536
+4267 against 5263, 192x576 758 against about 800; gate and up at 1536x576 at 4 rows of each by 32 tokens
+8898 against 9468 (8 by 16: 9763). The whole 128-token prefill plan of SmolLM2 709 -> 634 ms, Gemma 3
+270M's (K-quants) 937 -> 804, the 1B shapes' 5412 -> 4780 (the plans taking turns in one process). A prompt
+pays for whole tiles of 32 tokens: 12 tokens take 165 ms against 145, 40 already 308 against 357. The
+kernels compile in 0.2-0.35 s each against 0.03-0.1); where they hold 4 (SwiftShader)
 by broadcasts from 4 lanes, 8 rows by 8 tokens an invocation, 8 invocations a workgroup, gate and up 12 rows of
 each (SmolLM2's 128-token prefill 9.1 -> 3.8 s there against the tiled kernel, which stays for adapters
 without subgroups; then 8 rows a workgroup of 8, not 16, and gate and up at 12, not 4: 25.2 -> 30.4 tok/s in
@@ -27,8 +31,8 @@ compile time grows with the unrolled body). GPUs with subgroups take
 the shared mat-mat too: one dispatch a weight for all the step's tokens instead of one a tile of 8, with
 the RMSNorm and RoPE folded in (an H100 on Vulkan prefilled the 1B's shapes at 1529-1541 tok/s against
 233-235 with the one-row tiled kernel: time to first token 0.083 s against 0.55), in a shape of their own
-(MATMUL_GPU: 2 rows by 8 tokens an invocation, 32 a workgroup; lavapipe's 4 by 16 unrolls into kernels
-NVIDIA's driver takes 1-2.3 s each to compile): the 1B's shapes prefill at 3778-3906 tok/s against
+(MATMUL_GPU: 2 rows by 8 tokens an invocation, 32 a workgroup; the 4 by 16 lavapipe then ran unrolled into kernels
+NVIDIA's driver took 1-2.3 s each to compile): the 1B's shapes prefill at 3778-3906 tok/s against
 1477-1482, time to first token 0.033 s against 0.087, and the plans compile in 2.2-2.8 s against 9.1-9.4.
 Prefill attention shares each key and value by broadcasts the same way where subgroups hold 8 lanes or 4
 (SwiftShader's 128-token prefill 4.68 -> 3.96 s). Decode attention
@@ -61,7 +65,7 @@ SUBGROUP_SPACE = {"matvec": {4: [{"rows": 8, "wg": 16, "xshare": True},
 GPU_SPACE = {"matvec": [{"rows": 4, "wg": 64, "split": 8}, {"rows": 4, "wg": 64, "split": 16},
                         {"rows": 4, "wg": 128, "split": 32}]}
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
-MATMUL_XSHARE = {"wg": 16, "xshare": True, "rows": 4, "glu_rows": 4, "t": 16, "xl": 8}
+MATMUL_XSHARE = {"wg": 8, "xshare": True, "rows": 8, "glu_rows": 4, "t": 32, "xl": 8}
 # GPUs with subgroups of 8 lanes or more: smaller invocations, more of them (an H100 on Vulkan, 128 tokens of
 # Q4_1: gate and up at 8192x2048 409 us against 1596 with MATMUL_XSHARE, compiling in 0.38 s against 2.34;
 # 2048x8192 514 us against 1406: benchmarks/matvec_parts.py --prefill --variants [--glu]). Rows not in
@@ -81,7 +85,7 @@ ATTENTION_CPU = {"decode_split": 8, "decode_group": 4}
 # 164.7 -> 171.4 tok/s, medians of three benches each, taking turns)
 ATTENTION_SHARE = {"wg": 16, "share": True, "prefill_group": 4, **ATTENTION_CPU}
 ATTENTION_SHARE4 = {**ATTENTION_SHARE, "xl": 4}
-VERSION = 12      # a change to the kernels, the space or the key makes older measurements stale
+VERSION = 13      # a change to the kernels, the space or the key makes older measurements stale
 
 
 def space(lanes: int, gpu: bool = False) -> list[dict]:
