@@ -356,9 +356,10 @@ class Engine:
         await self.kernels.start_compile(decode.kernels)
         self.decode_plan = self.backend.create_plan(decode.dispatches, "decode")
         del decode
-        # the prefill's kernels (one set for prompts of every length) start compiling now: natively before the
-        # load ends, in a browser while the page goes on (SwiftShader takes seconds, which the first request
-        # would otherwise wait for in full); the first prefill waits for what is left
+        # the prefill's kernels (one set for prompts of every length) start compiling now and the load ends: they
+        # compile natively on a thread of their own, in a browser in its GPU process (SwiftShader takes seconds,
+        # lavapipe under one, which the first request would otherwise wait for in full); the first prefill
+        # waits for what is left
         self._prefill_compiled = self.kernels.start_compile(self._graph(MIN_BUCKET, decode=False).kernels)
         t3 = time.perf_counter()
         await self._release_staging()
@@ -513,10 +514,15 @@ class Engine:
             bucket *= 2
         return min(bucket, self.max_chunk)
 
-    async def _prefill_plan(self, n: int):
+    async def compiled(self) -> None:
+        """Waits for the kernels the load left compiling (the prefill's), as the first prefill does; raises
+        GPUError where one failed."""
         if self._prefill_compiled is not None:
             compiled, self._prefill_compiled = self._prefill_compiled, None
             await compiled
+
+    async def _prefill_plan(self, n: int):
+        await self.compiled()
         bucket = self._bucket(n)
         plan = self._prefill_plans.get(bucket)
         if plan is None:

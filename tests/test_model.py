@@ -150,10 +150,12 @@ def test_chunked_prefill_equals_one_plan(tiny_llama, backend):
 
 
 def test_a_load_compiles_every_kernel_a_prompt_of_any_length_runs(tiny_llama, backend, monkeypatch):
-    """The load compiles the prefill's kernels with the decode's, so no first request waits for a compile
-    (seconds on a browser's CPU adapter), and prompts of other lengths, whose plans hold more tokens, run
-    the same kernels: the first compile after the load fails this test."""
+    """The load starts compiling the prefill's kernels with the decode's (they compile while the caller goes
+    on: Engine.compiled waits for them), so no first request compiles for itself (seconds on a browser's
+    CPU adapter), and prompts of other lengths, whose plans hold more tokens, run the same kernels: the
+    first compile after those the load started fails this test."""
     engine = Engine.load(tiny_llama, backend, context_length=256, max_chunk=64)
+    asyncio.run(engine.compiled())
 
     def refuse(*a, **kw):
         raise AssertionError(f"a kernel compiled after the load: {a[-1] if a else kw}")

@@ -95,6 +95,7 @@ class NativeBackend(Backend):
         self.bytes_allocated = 0
         self._live: dict[int, int] = {}
         self._views: dict[int, tuple] = {}     # id of a texture -> (it, the view its bindings use)
+        self._compiler = None       # the thread start_pipelines compiles on, made on first use
 
     # -- buffers ---------------------------------------------------------------
 
@@ -190,6 +191,22 @@ class NativeBackend(Backend):
         with ThreadPoolExecutor(workers, thread_name_prefix="pyengine-compile") as pool:
             return list(pool.map(lambda s: self.create_pipeline(*s), sources))
 
+    def start_pipelines(self, sources) -> Pending:
+        """Compiles the kernels on a thread of its own (create_pipelines: a thread a core) while the caller
+        goes on, as a browser's GPU process does: a load returns once the decode step's kernels are
+        compiled, and the first prefill waits for what is left of the prefill's (lavapipe: SmolLM2's
+        prefill kernels take about 0.7 s of its 2 cores)."""
+        import asyncio
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._compiler is None:
+            self._compiler = ThreadPoolExecutor(1, thread_name_prefix="pyengine-compiles")
+        future = self._compiler.submit(self.create_pipelines, sources)
+
+        async def finish():
+            return await asyncio.wrap_future(future)
+        return Pending(finish)
+
     def create_plan(self, dispatches, label: str = "") -> Plan:
         steps = []
         for d in dispatches:
@@ -246,6 +263,9 @@ class NativeBackend(Backend):
         return self._syncbuf
 
     def destroy(self) -> None:
+        if self._compiler is not None:      # a compile under way ends before its device does
+            self._compiler.shutdown(wait=True, cancel_futures=True)
+            self._compiler = None
         try:
             self.device.destroy()
         except Exception:
