@@ -67,7 +67,7 @@ GPU_SPACE = {"matvec": [{"rows": 4, "wg": 64, "split": 8}, {"rows": 4, "wg": 64,
 DEFAULTS = {"cpu": {"matvec": {"rows": 4, "wg": 32}}, "gpu": {"matvec": {"rows": 1, "wg": 64}}}
 MATMUL_XSHARE = {"wg": 8, "xshare": True, "rows": 8, "glu_rows": 4, "t": 32, "xl": 8}
 # GPUs with subgroups of 8 lanes or more: smaller invocations, more of them (an H100 on Vulkan, 128 tokens of
-# Q4_1: gate and up at 8192x2048 409 us against 1596 with MATMUL_XSHARE, compiling in 0.38 s against 2.34;
+# Q4_1: gate and up at 8192x2048 409 us against 1596 with the CPU adapters' 4 by 16 of then, compiling in 0.38 s against 2.34;
 # 2048x8192 514 us against 1406: benchmarks/matvec_parts.py --prefill --variants [--glu]). Rows not in
 # fours: RoPE and the cache write keep their own kernel there (graph._fold_rope_tokens), a dispatch a layer
 MATMUL_GPU = {"wg": 32, "xshare": True, "rows": 2, "glu_rows": 2, "t": 8, "xl": 8}

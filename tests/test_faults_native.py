@@ -236,3 +236,69 @@ def test_kernels_compiled_side_by_side_come_back_in_order_and_a_broken_one_is_na
     pending = backend.start_pipelines(broken)
     with pytest.raises(GPUError, match="the-broken-one"):
         run(wait(pending))
+
+
+def test_a_native_load_returns_while_the_prefill_compiles_and_the_first_prefill_waits_for_it(tiny_llama, backend):
+    """Natively the prefill's kernels compile on a thread of their own once the load has started them
+    (NativeBackend.start_pipelines): the load returns without waiting for them, the first prefill waits
+    and gives the logits a load that waited gives; a kernel of theirs that does not compile fails that
+    prefill with its name; a backend destroyed while they compile lets them end first."""
+    import threading
+
+    import numpy as np
+
+    from pyengine.gpu import open_backend
+
+    def held(be, broken=False):
+        """`be` with the prefill's compile (its mat-mats) held until the gate opens."""
+        gate, entered, done = threading.Event(), threading.Event(), threading.Event()
+        compile_all = be.create_pipelines
+
+        def create_pipelines(sources):
+            if not any(label.startswith("matmul") for _, _, label in sources):
+                return compile_all(sources)
+            entered.set()
+            assert gate.wait(20), "the test never opened the gate: the load waited for the prefill's kernels"
+            if broken:
+                code, consts, _ = next(s for s in sources if s[2].startswith("matmul"))
+                sources = [s for s in sources if s[0] is not code] + [
+                    (code.replace("fn main(", "fn main(undefined_name: u32, ", 1), consts, "matmul-broken-on-purpose")]
+            try:
+                return compile_all(sources)
+            finally:
+                done.set()
+        be.create_pipelines = create_pipelines
+        return gate, entered, done
+
+    prompt = list(range(3, 40))
+    reference = Engine.load(tiny_llama, backend, context_length=64)
+    want = run(reference.logits(prompt))
+
+    be = open_backend("native")
+    try:
+        gate, entered, done = held(be)
+        engine = Engine.load(tiny_llama, be, context_length=64)
+        assert entered.wait(30) and not done.is_set(), "the load waited for the prefill's kernels"
+        gate.set()
+        np.testing.assert_array_equal(run(engine.logits(prompt)), want)
+        assert done.is_set()
+    finally:
+        be.destroy()
+
+    be = open_backend("native")
+    try:
+        gate, entered, done = held(be, broken=True)
+        engine = Engine.load(tiny_llama, be, context_length=64)
+        gate.set()
+        with pytest.raises(GPUError, match="matmul-broken-on-purpose"):
+            run(engine.logits(prompt))
+    finally:
+        be.destroy()
+
+    be = open_backend("native")
+    gate, entered, done = held(be)
+    Engine.load(tiny_llama, be, context_length=64)
+    assert entered.wait(30)
+    threading.Timer(0.5, gate.set).start()
+    be.destroy()
+    assert done.is_set(), "the device went while its kernels compiled"
