@@ -145,6 +145,12 @@ class _Kernel(tuple):
         return super().__new__(cls, (family, dict(params), dict(constants)))     # as they are now
 
 
+def _heads_together(per_kv: int, most: int) -> int:
+    """Query heads of one kv head an attention workgroup takes: the most, up to `most`, that divide the
+    `per_kv` heads a kv head serves (each key and value then loaded once for them all)."""
+    return max(g for g in range(1, min(most, per_kv) + 1) if per_kv % g == 0)
+
+
 class GraphBuilder:
     """Turns op calls into dispatches for a plan over up to `m_cap` tokens."""
 
@@ -519,15 +525,13 @@ class GraphBuilder:
             split = min(split, 2048 // head_dim)
             # query heads of one kv head a workgroup, each key and value loaded once for them all: as
             # many as asked that divide the heads a kv head serves, within 8 KB of partial outputs
-            most = max(1, min(group, 2048 // (head_dim * split)))
-            group = max(g for g in range(1, min(most, per_kv) + 1) if per_kv % g == 0)
+            group = _heads_together(per_kv, max(1, min(group, 2048 // (head_dim * split))))
             params.update(split=split, group=group, share=False)
             groups = n_heads // group
         else:
             # shared (prefill): query heads of one kv head a workgroup, each key and value fetched and
             # broadcast once for them all, as many as asked that divide the heads a kv head serves
-            group = max(g for g in range(1, min(prefill_group, per_kv) + 1) if per_kv % g == 0)
-            params.update(split=0, group=group if params.get("share") else 1)
+            params.update(split=0, group=_heads_together(per_kv, prefill_group) if params.get("share") else 1)
             groups = -(-q.rows * n_heads // params["wg"])
         consts = {"NH": n_heads, "NKV": n_kv_heads, "WINDOW": window,
                   "SCALE": scale if scale is not None else 1.0 / math.sqrt(head_dim)}
